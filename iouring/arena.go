@@ -1,0 +1,136 @@
+//go:build linux
+
+package iouring
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxArena bounds NewArena: registration indexes 1 GiB chunks with a
+// uint16, and no sane cache needs more than this anyway.
+const maxArena = 1 << 40
+
+// Arena is page-aligned anonymous memory mapped outside the Go heap: the GC
+// neither scans nor frees it, so the kernel may keep writing into it for as
+// long as a request is in flight, and it can be registered with io_uring
+// once (IORING_REGISTER_BUFFERS) for READ_FIXED/WRITE_FIXED. Every address
+// in it is aligned as O_DIRECT needs when offsets are multiples of the
+// logical block size.
+type Arena struct {
+	base   uintptr // immutable
+	size   int     // immutable
+	mu     sync.Mutex
+	mem    []byte
+	closed atomic.Bool
+	users  atomic.Int32 // Files that have it registered
+}
+
+// NewArena maps size bytes (rounded up to the page size) of zeroed memory,
+// MAP_PRIVATE|MAP_ANONYMOUS. size must be in 1..1 TiB.
+func NewArena(size int) (*Arena, error) {
+	if size <= 0 || size > maxArena {
+		return nil, fmt.Errorf("iouring: arena size %d: want 1..%d: %w", size, maxArena, syscall.EINVAL)
+	}
+	page := os.Getpagesize()
+	size = (size + page - 1) / page * page
+	mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return nil, fmt.Errorf("iouring: mmap arena of %d bytes: %w", size, err)
+	}
+	return &Arena{base: uintptr(unsafe.Pointer(&mem[0])), size: size, mem: mem}, nil
+}
+
+// Bytes is the whole arena; nil after Close.
+func (a *Arena) Bytes() []byte {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.mem
+}
+
+// Size is the arena's length in bytes.
+func (a *Arena) Size() int { return a.size }
+
+// Contains reports whether p (non-empty) lies entirely inside the arena.
+func (a *Arena) Contains(p []byte) bool {
+	if len(p) == 0 || a.closed.Load() {
+		return false
+	}
+	s := uintptr(unsafe.Pointer(&p[0]))
+	return s >= a.base && s-a.base <= uintptr(a.size) && uintptr(len(p)) <= uintptr(a.size)-(s-a.base)
+}
+
+// fixedIndex returns the registered-buffer index of p when p lies inside
+// one registered chunk of the arena (see chunks).
+func (a *Arena) fixedIndex(p []byte) (uint16, bool) {
+	if !a.Contains(p) {
+		return 0, false
+	}
+	start := uintptr(unsafe.Pointer(&p[0])) - a.base
+	end := start + uintptr(len(p)) - 1
+	if start/maxFixedBuf != end/maxFixedBuf {
+		return 0, false
+	}
+	return uint16(start / maxFixedBuf), true
+}
+
+// chunks splits the arena into the iovecs it is registered as: the kernel
+// refuses a single registered buffer over 1 GiB.
+func (a *Arena) chunks() [][]byte {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out [][]byte
+	for off := 0; off < len(a.mem); off += maxFixedBuf {
+		out = append(out, a.mem[off:min(off+maxFixedBuf, len(a.mem))])
+	}
+	if len(out) > math.MaxUint16 {
+		panic("iouring: arena has more chunks than buffer indexes")
+	}
+	return out
+}
+
+// Close unmaps the arena. It fails while a File still has the arena
+// registered (the kernel could be writing into it): close or re-register
+// those Files first. Later calls return ErrClosed.
+func (a *Arena) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.mem == nil {
+		return ErrClosed
+	}
+	if n := a.users.Load(); n > 0 {
+		return fmt.Errorf("iouring: arena still registered with %d open File(s): %w", n, syscall.EBUSY)
+	}
+	a.closed.Store(true)
+	err := unix.Munmap(a.mem)
+	a.mem = nil
+	if err != nil {
+		return fmt.Errorf("iouring: munmap arena: %w", err)
+	}
+	return nil
+}
+
+// acquire marks the arena as registered with one more File; it fails if
+// the arena is closed.
+func (a *Arena) acquire() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.mem == nil {
+		return ErrClosed
+	}
+	a.users.Add(1)
+	return nil
+}
+
+func (a *Arena) release() {
+	if a.users.Add(-1) < 0 {
+		panic("iouring: arena released more often than acquired")
+	}
+}

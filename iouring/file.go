@@ -1,0 +1,392 @@
+//go:build linux
+
+package iouring
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mode selects how a File performs I/O.
+type Mode string
+
+const (
+	// ModeAuto uses io_uring if Probe reports it usable, else psync. The
+	// environment variable RAWBLOCK_IO=psync|io_uring overrides it (and
+	// only it).
+	ModeAuto Mode = ""
+	// ModeIOURing forces io_uring; NewFile fails if it is unavailable.
+	ModeIOURing Mode = "io_uring"
+	// ModePsync forces pread/pwrite from a bounded set of goroutines.
+	ModePsync Mode = "psync"
+)
+
+// EnvMode is the environment variable that forces the mode of files opened
+// with ModeAuto.
+const EnvMode = "RAWBLOCK_IO"
+
+// Limits of FileOptions.
+const (
+	DefaultQueueDepth = 128
+	MaxQueueDepth     = 4096
+	MaxRings          = 8
+)
+
+// FileOptions configures NewFile.
+type FileOptions struct {
+	Mode Mode
+	// QueueDepth is the number of requests in flight per ring (psync: the
+	// number of concurrent system calls); 0 means 128, at most 4096.
+	QueueDepth int
+	// Arena, if set, is registered once; buffers inside it use
+	// READ_FIXED/WRITE_FIXED.
+	Arena *Arena
+	// Rings is the number of io_uring instances, each with its own reactor
+	// goroutine and OS thread; 0 means 1 on machines with up to 4 CPUs and
+	// 2 above; at most 8. Ignored by psync.
+	Rings int
+}
+
+// Op is one request of a batch (File.Do).
+type Op struct {
+	Write bool
+	Buf   []byte
+	Off   int64
+	N     int   // out: bytes transferred
+	Err   error // out: nil, or why the request failed or was short
+}
+
+// File performs concurrent I/O on one file descriptor, normally opened with
+// O_DIRECT, through io_uring or, when that is unavailable or not wanted,
+// pread/pwrite. All methods are safe for concurrent use.
+type File struct {
+	fd     int
+	mode   Mode
+	base   string                 // why this mode
+	reason atomic.Pointer[string] // base plus the fixed-buffer note
+	be     backend
+
+	// state counts calls in progress; closedBit is set by Close. A call
+	// that finds the bit set backs out with ErrClosed; Close waits until
+	// the count drains to zero, so no request is ever issued after Close
+	// has started tearing down the backend.
+	state   atomic.Int64
+	drained chan struct{}
+}
+
+const closedBit = 1 << 62
+
+// backend is one way of doing I/O. rw and do make one attempt per request
+// (File handles short transfers and requests over maxRW).
+type backend interface {
+	rw(write bool, p []byte, off int64) (int, error)
+	sync() error
+	do(ops []Op)
+	registerArena(a *Arena) (note string, err error)
+	stats() FileStats
+	close() error
+}
+
+// FileStats counts what a File did, for benchmarks and tuning.
+type FileStats struct {
+	Requests uint64 // I/O requests completed (reads, writes, fsyncs)
+	Enters   uint64 // io_uring_enter calls made by the reactors
+	Sleeps   uint64 // times a reactor slept in the kernel waiting for completions
+	Kicks    uint64 // eventfd writes made to wake a sleeping reactor
+	Parks    uint64 // times a waiting caller parked (rather than finding its result while spinning)
+}
+
+// NewFile wraps fd (which stays owned by the caller: Close does not close
+// it) for concurrent I/O.
+func NewFile(fd int, opts FileOptions) (*File, error) {
+	if fd < 0 {
+		return nil, fmt.Errorf("iouring: NewFile: fd %d: %w", fd, syscall.EBADF)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("iouring: NewFile: fstat fd %d: %w", fd, err)
+	}
+	qd := opts.QueueDepth
+	if qd == 0 {
+		qd = DefaultQueueDepth
+	}
+	if qd < 1 || qd > MaxQueueDepth {
+		return nil, fmt.Errorf("iouring: queue depth %d: want 1..%d: %w", opts.QueueDepth, MaxQueueDepth, syscall.EINVAL)
+	}
+	rings := opts.Rings
+	if rings == 0 {
+		rings = 1
+		if runtime.NumCPU() > 4 {
+			rings = 2
+		}
+	}
+	if rings < 1 || rings > MaxRings {
+		return nil, fmt.Errorf("iouring: %d rings: want 1..%d: %w", opts.Rings, MaxRings, syscall.EINVAL)
+	}
+	mode, reason, forced, err := resolveMode(opts.Mode)
+	if err != nil {
+		return nil, err
+	}
+	f := &File{fd: fd, drained: make(chan struct{}, 1)}
+	if mode == ModeIOURing {
+		be, desc, err := newUring(fd, qd, rings)
+		switch {
+		case err == nil:
+			f.be, f.mode = be, ModeIOURing
+			f.base = "io_uring"
+			if reason != "" {
+				f.base += " (" + reason + ")"
+			}
+			f.base += ": " + desc
+		case !forced && refusedSetup(err):
+			mode, reason = ModePsync, err.Error()
+		default:
+			return nil, err
+		}
+	}
+	if mode == ModePsync {
+		f.be, f.mode = newPsync(fd, qd), ModePsync
+		f.base = "psync: " + reason
+	}
+	f.reason.Store(&f.base)
+	if opts.Arena != nil {
+		if err := f.RegisterArena(opts.Arena); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	return f, nil
+}
+
+// probeHook is Probe; tests replace it to simulate a kernel without
+// io_uring.
+var probeHook = Probe
+
+// resolveMode applies FileOptions.Mode, RAWBLOCK_IO and Probe. forced means
+// the caller or the environment asked for this mode explicitly.
+func resolveMode(m Mode) (mode Mode, reason string, forced bool, err error) {
+	switch m {
+	case ModePsync:
+		return ModePsync, "forced by FileOptions.Mode", true, nil
+	case ModeIOURing:
+		if err := probeHook(); err != nil {
+			return "", "", true, fmt.Errorf("iouring: FileOptions.Mode forces io_uring, but it is unavailable: %w", err)
+		}
+		return ModeIOURing, "forced by FileOptions.Mode", true, nil
+	case ModeAuto:
+	default:
+		return "", "", false, fmt.Errorf("iouring: FileOptions.Mode %q: want %q, %q or %q (auto): %w", m, ModeIOURing, ModePsync, ModeAuto, syscall.EINVAL)
+	}
+	switch env := os.Getenv(EnvMode); env {
+	case "":
+	case string(ModePsync):
+		return ModePsync, "forced by " + EnvMode, true, nil
+	case string(ModeIOURing):
+		if err := probeHook(); err != nil {
+			return "", "", true, fmt.Errorf("iouring: %s=%s forces io_uring, but it is unavailable: %w", EnvMode, env, err)
+		}
+		return ModeIOURing, "forced by " + EnvMode, true, nil
+	default:
+		return "", "", false, fmt.Errorf("iouring: %s=%q: want %q or %q: %w", EnvMode, env, ModePsync, ModeIOURing, syscall.EINVAL)
+	}
+	if err := probeHook(); err != nil {
+		return ModePsync, err.Error(), false, nil
+	}
+	return ModeIOURing, "", false, nil
+}
+
+// Mode is the I/O method actually in use: ModeIOURing or ModePsync.
+func (f *File) Mode() Mode { return f.mode }
+
+// Reason says which method is used and why, e.g. "io_uring: 1 ring ...",
+// "psync: forced by RAWBLOCK_IO", "psync: io_uring_setup: operation not
+// permitted", and whether fixed buffers are in use.
+func (f *File) Reason() string { return *f.reason.Load() }
+
+// Fd is the file descriptor the File performs I/O on.
+func (f *File) Fd() int { return f.fd }
+
+// Stats returns the File's counters.
+func (f *File) Stats() FileStats { return f.be.stats() }
+
+func (f *File) enter() bool {
+	if f.state.Add(1)&closedBit != 0 {
+		f.exit()
+		return false
+	}
+	return true
+}
+
+func (f *File) exit() {
+	if f.state.Add(-1) == closedBit {
+		select {
+		case f.drained <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// ReadAt reads len(p) bytes at off. Safe for concurrent use. The caller
+// guarantees the alignment O_DIRECT needs (File does not check it; the
+// kernel answers EINVAL). Anything short of len(p) is an error (wrapping
+// io.ErrUnexpectedEOF when the file ended), returned with the count read.
+func (f *File) ReadAt(p []byte, off int64) (int, error) {
+	return f.rw(false, p, off)
+}
+
+// WriteAt writes p at off. Same rules as ReadAt; a short write is an
+// error wrapping io.ErrShortWrite.
+func (f *File) WriteAt(p []byte, off int64) (int, error) {
+	return f.rw(true, p, off)
+}
+
+func opName(write bool) string {
+	if write {
+		return "write"
+	}
+	return "read"
+}
+
+func (f *File) rw(write bool, p []byte, off int64) (int, error) {
+	if !f.enter() {
+		return 0, ErrClosed
+	}
+	defer f.exit()
+	if off < 0 {
+		return 0, fmt.Errorf("iouring: %s at negative offset %d: %w", opName(write), off, syscall.EINVAL)
+	}
+	return f.finish(write, p, off, 0)
+}
+
+// finish transfers p[done:], continuing after short transfers until the
+// kernel reports an error or makes no progress.
+func (f *File) finish(write bool, p []byte, off int64, done int) (int, error) {
+	for done < len(p) {
+		chunk := p[done:]
+		if len(chunk) > maxRW {
+			chunk = chunk[:maxRW]
+		}
+		n, err := f.be.rw(write, chunk, off+int64(done))
+		if err != nil {
+			return done, fmt.Errorf("iouring: %s %d bytes at offset %d on fd %d: %w", opName(write), len(p), off, f.fd, err)
+		}
+		if n == 0 {
+			return done, shortErr(write, done, len(p), off)
+		}
+		done += n
+	}
+	return done, nil
+}
+
+func shortErr(write bool, n, want int, off int64) error {
+	sentinel := io.ErrUnexpectedEOF
+	if write {
+		sentinel = io.ErrShortWrite
+	}
+	return fmt.Errorf("iouring: short %s: %d of %d bytes at offset %d: %w", opName(write), n, want, off, sentinel)
+}
+
+// Sync makes every write that completed before the call durable
+// (fdatasync; IORING_OP_FSYNC with DATASYNC under io_uring).
+func (f *File) Sync() error {
+	if !f.enter() {
+		return ErrClosed
+	}
+	defer f.exit()
+	if err := f.be.sync(); err != nil {
+		return fmt.Errorf("iouring: fdatasync fd %d: %w", f.fd, err)
+	}
+	return nil
+}
+
+// Do issues every op at once (as many in flight as the queue depth allows),
+// waits for all of them, sets each op's N and Err, and returns the first
+// error (nil if all succeeded). Ops are not ordered with respect to each
+// other. Bad input (a negative offset) fails the whole call before any I/O.
+func (f *File) Do(ops []Op) error {
+	if !f.enter() {
+		return ErrClosed
+	}
+	defer f.exit()
+	for i := range ops {
+		if ops[i].Off < 0 {
+			return fmt.Errorf("iouring: Do: op %d at negative offset %d: %w", i, ops[i].Off, syscall.EINVAL)
+		}
+	}
+	if len(ops) == 0 {
+		return nil
+	}
+	for i := range ops {
+		ops[i].N, ops[i].Err = 0, nil
+	}
+	f.be.do(ops)
+	var first error
+	for i := range ops {
+		op := &ops[i]
+		if op.Err != nil {
+			op.Err = fmt.Errorf("iouring: %s %d bytes at offset %d on fd %d: %w", opName(op.Write), len(op.Buf), op.Off, f.fd, op.Err)
+		} else if op.N < len(op.Buf) {
+			if op.N == 0 {
+				op.Err = shortErr(op.Write, 0, len(op.Buf), op.Off)
+			} else {
+				op.N, op.Err = f.finish(op.Write, op.Buf, op.Off, op.N)
+			}
+		}
+		if op.Err != nil && first == nil {
+			first = fmt.Errorf("iouring: Do: op %d of %d: %w", i, len(ops), op.Err)
+		}
+	}
+	return first
+}
+
+// RegisterArena registers a on every ring (replacing any previous arena;
+// nil unregisters), so that buffers inside it use READ_FIXED/WRITE_FIXED.
+// Requests in flight finish first. If the kernel refuses (RLIMIT_MEMLOCK
+// ...), RegisterArena first raises the soft RLIMIT_MEMLOCK to the hard
+// limit and retries; if that fails too it returns nil and keeps using plain
+// READ/WRITE, and Reason says so. Under psync it only records the arena.
+func (f *File) RegisterArena(a *Arena) error {
+	if !f.enter() {
+		return ErrClosed
+	}
+	defer f.exit()
+	note, err := f.be.registerArena(a)
+	if err != nil {
+		return err
+	}
+	r := f.base
+	if note != "" {
+		r += "; " + note
+	}
+	f.reason.Store(&r)
+	return nil
+}
+
+// Close stops intake (calls made from now on return ErrClosed), waits for
+// every call in progress and so every request in flight, then unregisters
+// buffers, unmaps the rings and stops the reactors. It does not close fd.
+func (f *File) Close() error {
+	old := f.state.Or(closedBit)
+	if old&closedBit != 0 {
+		return ErrClosed
+	}
+	if old != 0 {
+		<-f.drained
+	}
+	return f.be.close()
+}
+
+// errnoOf turns a kernel result into an error (nil for res >= 0).
+func errnoOf(res int32) error {
+	if res >= 0 {
+		return nil
+	}
+	return syscall.Errno(-res)
+}
+

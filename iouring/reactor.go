@@ -1,0 +1,705 @@
+//go:build linux
+
+package iouring
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The io_uring backend. Each ring is owned by one reactor goroutine that
+// holds its OS thread for the ring's whole life (the ring is set up with
+// SINGLE_ISSUER|DEFER_TASKRUN when the kernel allows, which binds it to that
+// thread; and a thread that exits cancels the requests it submitted).
+//
+// Callers never touch the ring. A request lives in a slot of the reactor's
+// table; the table has QueueDepth slots and the CQ has at least
+// QueueDepth+1 entries (one for the eventfd read below), so taking a free
+// slot is the semaphore that makes CQ overflow impossible. user_data is
+// slot<<32 | generation, never a Go pointer; the slot holds the buffer
+// until the completion arrives.
+//
+// Hand-off and wake-ups, the part that decides the IOPS of the synchronous
+// path:
+//   - intake is a lock-free stack of slot indexes (push = one CAS, take-all
+//     = one Swap), so a burst of callers costs the reactor one atomic;
+//   - the reactor submits everything it took and waits for a completion in
+//     the same io_uring_enter; before sleeping it spins briefly on intake,
+//     so that callers it has just woken, who usually come straight back
+//     with their next request, join this batch instead of waiting for the
+//     next wake-up;
+//   - a reactor that sleeps sets a flag in the intake word; only the first
+//     caller to push after that pays for a wake-up (an eventfd write that
+//     completes a READ the reactor keeps armed on its own ring), and only
+//     when fewer than kickBelow requests are in flight — with more, a
+//     completion is due soon anyway and will pick the new requests up;
+//   - a waiter spins briefly on its slot before parking, and the reactor
+//     signals a waiter only if it actually parked.
+
+// Tuning knobs, measured by the benchmarks in file_bench_test.go.
+var (
+	reactorSpin = 20 * time.Microsecond // reactor: max spin for more intake before sleeping
+	reactorIdle = 3 * time.Microsecond  // reactor: stop spinning after this long without new intake
+	kickBelow   = math.MaxInt           // callers wake a sleeping reactor only below this many in flight
+	waiterSpin  = 0                     // waiter: polls of its slot before parking
+)
+
+const (
+	kindSync  uint8 = iota // a synchronous caller waits on the slot
+	kindBatch              // part of a Do batch; the reactor frees the slot
+	kindCtl                // control request: register an arena
+)
+
+const (
+	stPending uint32 = iota
+	stParked
+	stDone
+)
+
+// efdUserData marks the completion of the reactor's eventfd read; no slot
+// has index 0xffffffff.
+const efdUserData = math.MaxUint64
+
+// sleepBit in the intake word says the reactor is (about to be) asleep in
+// the kernel and wants a kick from the next pusher.
+const sleepBit = 1 << 32
+
+type slot struct {
+	// Written by the owner before the push, read by the reactor after it
+	// takes the slot (the intake CAS/Swap orders them).
+	op    uint8
+	kind  uint8
+	gen   uint32
+	next  uint32 // intake link: index+1 of the slot below, 0 = bottom
+	off   int64
+	buf   []byte
+	batch *batch
+	bidx  int
+	arena *Arena
+
+	// Written by the reactor before state becomes stDone.
+	res  int32
+	note string
+
+	state atomic.Uint32
+	wake  chan struct{}
+	_     [40]byte // keep neighbouring slots' hot words off one cache line
+}
+
+type batch struct {
+	remaining atomic.Int32
+	state     atomic.Uint32
+	wake      chan struct{}
+	res       []int32
+}
+
+var batchPool = sync.Pool{New: func() any { return &batch{wake: make(chan struct{}, 1)} }}
+
+type reactor struct {
+	fd     int
+	efd    int
+	slots  []slot
+	free   chan uint32
+	intake atomic.Uint64
+	stop   atomic.Bool
+	done   chan struct{}
+	err    error // set by the loop before done is closed
+
+	// Owned by the reactor goroutine.
+	ring       *Ring
+	inflight   int      // user requests submitted, not completed
+	held       []uint32 // taken from intake, not yet prepared
+	heldHead   int
+	takeBuf    []uint32
+	efdBuf     []byte
+	efdArmed   bool
+	arena      *Arena
+	arenaFixed bool
+	complete   func(uint64, int32)
+
+	nreq, nenter, nsleep, nkick, npark atomic.Uint64
+}
+
+type uringBackend struct {
+	reactors []*reactor
+	next     atomic.Uint32
+}
+
+// newUring starts rings reactors, each with its own ring of qd slots.
+func newUring(fd, qd, rings int) (*uringBackend, string, error) {
+	b := &uringBackend{}
+	sq := uint32(1)
+	for sq < uint32(qd)+1 {
+		sq <<= 1
+	}
+	var desc string
+	for range rings {
+		r, d, err := startReactor(fd, qd, sq)
+		if err != nil {
+			b.close()
+			return nil, "", err
+		}
+		desc = d
+		b.reactors = append(b.reactors, r)
+	}
+	plural := ""
+	if rings > 1 {
+		plural = "s"
+	}
+	return b, fmt.Sprintf("%d ring%s of %d requests in flight, %s", rings, plural, qd, desc), nil
+}
+
+func startReactor(fd, qd int, sq uint32) (*reactor, string, error) {
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		return nil, "", fmt.Errorf("iouring: eventfd: %w", err)
+	}
+	r := &reactor{
+		fd:      fd,
+		efd:     efd,
+		slots:   make([]slot, qd),
+		free:    make(chan uint32, qd),
+		done:    make(chan struct{}),
+		held:    make([]uint32, 0, qd),
+		takeBuf: make([]uint32, 0, qd),
+		efdBuf:  make([]byte, 8),
+	}
+	r.complete = r.deliverCQE
+	for i := range r.slots {
+		r.slots[i].wake = make(chan struct{}, 1)
+		r.free <- uint32(i)
+	}
+	ready := make(chan string, 1)
+	go r.run(sq, ready)
+	desc := <-ready
+	if desc == "" {
+		<-r.done
+		unix.Close(efd)
+		return nil, "", r.err
+	}
+	return r, desc, nil
+}
+
+// run is the reactor goroutine.
+func (r *reactor) run(sq uint32, ready chan<- string) {
+	defer close(r.done)
+	runtime.LockOSThread()
+	ring, err := newRingHook(RingOptions{Entries: sq})
+	if err == nil && ring.CQEntries() < len(r.slots)+1 {
+		ring.Close()
+		err = fmt.Errorf("iouring: CQ of %d entries cannot hold %d requests plus the wake-up read", ring.CQEntries(), len(r.slots))
+	}
+	if err != nil {
+		// No ring, nothing in flight: the thread may go back to the pool.
+		runtime.UnlockOSThread()
+		r.err = err
+		ready <- ""
+		return
+	}
+	r.ring = ring
+	ready <- fmt.Sprintf("SQ %d, CQ %d, %s", ring.SQEntries(), ring.CQEntries(), ring.Flags())
+	r.loop()
+	r.err = r.shutdown()
+	// Only now, with nothing in flight and the ring closed, may the
+	// goroutine leave its thread.
+	runtime.UnlockOSThread()
+}
+
+func (r *reactor) loop() {
+	for {
+		r.armEventfd()
+		r.take()
+		r.prepHeld()
+		if r.stop.Load() && r.inflight == 0 && r.heldHead == len(r.held) {
+			return
+		}
+		pending := r.ring.Pending()
+		if pending == 0 && r.spin() {
+			continue
+		}
+		if r.inflight < kickBelow || r.inflight == 0 {
+			if !r.intake.CompareAndSwap(0, sleepBit) {
+				continue // work arrived: take it into this batch
+			}
+		}
+		r.nsleep.Add(1)
+		r.submit(1)
+		r.ring.Reap(r.complete)
+	}
+}
+
+// spin polls intake for up to reactorSpin, giving up after reactorIdle
+// without a new arrival; it reports whether something arrived.
+func (r *reactor) spin() bool {
+	if reactorSpin <= 0 {
+		return false
+	}
+	start := time.Now()
+	for i := 1; ; i++ {
+		if uint32(r.intake.Load()) != 0 {
+			return true
+		}
+		if i&63 == 0 {
+			el := time.Since(start)
+			if el > reactorIdle || el > reactorSpin {
+				return false
+			}
+		}
+	}
+}
+
+// submit enters the kernel once (more on EINTR or ErrBusy), submitting
+// everything prepared and waiting for wait completions.
+func (r *reactor) submit(wait uint32) {
+	for {
+		r.nenter.Add(1)
+		_, err := r.ring.enter(wait)
+		if err == nil {
+			return
+		}
+		if errors.Is(err, ErrBusy) {
+			// Reap what is there and go round again; requests are never
+			// dropped.
+			r.ring.Reap(r.complete)
+			wait = 0
+			continue
+		}
+		// Nothing else is expected from a ring this reactor owns; a
+		// request could be lost silently, so stop the process loudly.
+		panic(fmt.Sprintf("iouring: reactor: %v", err))
+	}
+}
+
+func (r *reactor) armEventfd() {
+	if r.efdArmed || r.ring.SQSpace() == 0 {
+		return
+	}
+	if err := r.ring.PrepRead(r.efd, r.efdBuf, 0, efdUserData); err != nil {
+		panic(fmt.Sprintf("iouring: reactor: arming eventfd read: %v", err))
+	}
+	r.efdArmed = true
+}
+
+// kick wakes the reactor if it sleeps in io_uring_enter.
+func (r *reactor) kick() {
+	r.nkick.Add(1)
+	var one = [8]byte{1}
+	for {
+		_, err := unix.Write(r.efd, one[:])
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			panic(fmt.Sprintf("iouring: eventfd write: %v", err))
+		}
+		return
+	}
+}
+
+// push hands the chain bottom..top (linked through next, top first) to the
+// reactor, waking it if it sleeps.
+func (r *reactor) push(bottom, top uint32) {
+	for {
+		old := r.intake.Load()
+		r.slots[bottom].next = uint32(old)
+		if r.intake.CompareAndSwap(old, uint64(top)+1) {
+			if old&sleepBit != 0 {
+				r.kick()
+			}
+			return
+		}
+	}
+}
+
+// take moves everything in intake to held, oldest first.
+func (r *reactor) take() {
+	w := r.intake.Swap(0)
+	top := uint32(w)
+	if top == 0 {
+		return
+	}
+	buf := r.takeBuf[:0]
+	for i := top; i != 0; i = r.slots[i-1].next {
+		buf = append(buf, i-1)
+		if len(buf) > len(r.slots) {
+			panic("iouring: reactor: intake list longer than the slot table (cycle)")
+		}
+	}
+	if r.heldHead == len(r.held) {
+		r.held, r.heldHead = r.held[:0], 0
+	}
+	for i := len(buf) - 1; i >= 0; i-- {
+		r.held = append(r.held, buf[i])
+	}
+	r.takeBuf = buf
+}
+
+// prepHeld turns held requests into SQEs, in order, until the SQ is full
+// or a control request must wait for the ring to drain.
+func (r *reactor) prepHeld() {
+	for r.heldHead < len(r.held) {
+		idx := r.held[r.heldHead]
+		s := &r.slots[idx]
+		if s.kind == kindCtl {
+			if r.inflight > 0 {
+				return
+			}
+			r.heldHead++
+			r.control(idx)
+			continue
+		}
+		if r.ring.SQSpace() == 0 {
+			return
+		}
+		ud := uint64(idx)<<32 | uint64(s.gen)
+		var err error
+		switch s.op {
+		case opRead, opWrite:
+			bi, fixed := uint16(0), false
+			if r.arenaFixed {
+				bi, fixed = r.arena.fixedIndex(s.buf)
+			}
+			switch {
+			case fixed && s.op == opRead:
+				err = r.ring.PrepReadFixed(r.fd, s.buf, s.off, bi, ud)
+			case fixed:
+				err = r.ring.PrepWriteFixed(r.fd, s.buf, s.off, bi, ud)
+			case s.op == opRead:
+				err = r.ring.PrepRead(r.fd, s.buf, s.off, ud)
+			default:
+				err = r.ring.PrepWrite(r.fd, s.buf, s.off, ud)
+			}
+		case opFsync:
+			err = r.ring.PrepFsync(r.fd, true, ud)
+		case opNop:
+			err = r.ring.PrepNop(ud)
+		default:
+			panic(fmt.Sprintf("iouring: reactor: slot %d has unknown op %d", idx, s.op))
+		}
+		r.heldHead++
+		if err != nil {
+			if errors.Is(err, ErrSQFull) {
+				panic(fmt.Sprintf("iouring: reactor: %v with SQSpace > 0", err))
+			}
+			// Refused before reaching the kernel: complete it now.
+			var errno syscall.Errno
+			if !errors.As(err, &errno) {
+				errno = syscall.EINVAL
+			}
+			r.deliver(idx, -int32(errno))
+			continue
+		}
+		r.inflight++
+	}
+}
+
+// deliverCQE handles one completion.
+func (r *reactor) deliverCQE(ud uint64, res int32) {
+	if ud == efdUserData {
+		r.efdArmed = false
+		return
+	}
+	idx, gen := uint32(ud>>32), uint32(ud)
+	if int(idx) >= len(r.slots) || r.slots[idx].gen != gen {
+		panic(fmt.Sprintf("iouring: reactor: completion for slot %d generation %d matches no request in flight", idx, gen))
+	}
+	if r.inflight <= 0 {
+		panic("iouring: reactor: completion with no request in flight")
+	}
+	r.inflight--
+	r.deliver(idx, res)
+}
+
+// deliver gives a result to the slot's waiter.
+func (r *reactor) deliver(idx uint32, res int32) {
+	r.nreq.Add(1)
+	s := &r.slots[idx]
+	s.buf = nil // the kernel is done with it
+	switch s.kind {
+	case kindBatch:
+		b := s.batch
+		b.res[s.bidx] = res
+		s.batch = nil
+		r.free <- idx
+		if b.remaining.Add(-1) == 0 {
+			if b.state.Swap(stDone) == stParked {
+				b.wake <- struct{}{}
+			}
+		}
+	default:
+		s.res = res
+		if s.state.Swap(stDone) == stParked {
+			s.wake <- struct{}{}
+		}
+	}
+}
+
+// control runs a control request once nothing is in flight.
+func (r *reactor) control(idx uint32) {
+	s := &r.slots[idx]
+	s.note = r.setArena(s.arena)
+	s.arena = nil
+	r.nreq.Add(^uint64(0)) // deliver counts it; it is not I/O
+	r.deliver(idx, 0)
+}
+
+// setArena replaces the registered arena; it returns a note for Reason.
+func (r *reactor) setArena(a *Arena) string {
+	if r.arena != nil {
+		if r.arenaFixed {
+			if err := r.ring.UnregisterBuffers(); err != nil {
+				panic(fmt.Sprintf("iouring: reactor: %v", err))
+			}
+		}
+		r.arena.release()
+		r.arena, r.arenaFixed = nil, false
+	}
+	if a == nil {
+		return ""
+	}
+	if err := a.acquire(); err != nil {
+		return "fixed buffers off: arena closed"
+	}
+	r.arena = a
+	err := registerHook(r.ring, a.chunks())
+	raised := ""
+	if errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.EPERM) {
+		if msg := raiseMemlock(); msg != "" {
+			raised = " (" + msg + ")"
+			err = registerHook(r.ring, a.chunks())
+		}
+	}
+	if err != nil {
+		return fmt.Sprintf("fixed buffers off: registering the %d-byte arena: %v%s; RLIMIT_MEMLOCK %s",
+			a.Size(), err, raised, memlockString())
+	}
+	r.arenaFixed = true
+	return fmt.Sprintf("fixed buffers: %d-byte arena registered%s", a.Size(), raised)
+}
+
+// newRingHook creates a reactor's ring; tests replace it to simulate a
+// kernel that refuses io_uring.
+var newRingHook = NewRing
+
+// registerHook registers buffers; tests replace it to simulate a kernel
+// that refuses.
+var registerHook = func(ring *Ring, bufs [][]byte) error { return ring.RegisterBuffers(bufs) }
+
+// raiseMemlock raises the soft RLIMIT_MEMLOCK to the hard limit; it
+// returns what it did, or "" if it could not raise it.
+func raiseMemlock() string {
+	var rl unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_MEMLOCK, &rl) != nil || rl.Cur >= rl.Max {
+		return ""
+	}
+	old := rl.Cur
+	rl.Cur = rl.Max
+	if unix.Setrlimit(unix.RLIMIT_MEMLOCK, &rl) != nil {
+		return ""
+	}
+	return fmt.Sprintf("raised soft RLIMIT_MEMLOCK from %d to %s", old, limitString(rl.Max))
+}
+
+func limitString(v uint64) string {
+	if v == unix.RLIM_INFINITY {
+		return "unlimited"
+	}
+	return fmt.Sprintf("%d", v)
+}
+
+func memlockString() string {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_MEMLOCK, &rl); err != nil {
+		return "unknown"
+	}
+	return fmt.Sprintf("soft %s, hard %s", limitString(rl.Cur), limitString(rl.Max))
+}
+
+// shutdown runs after the loop ends with nothing in flight: it completes
+// the eventfd read, unregisters the arena and closes the ring.
+func (r *reactor) shutdown() error {
+	if r.efdArmed {
+		r.kick()
+		for r.efdArmed {
+			r.submit(1)
+			r.ring.Reap(r.complete)
+		}
+	}
+	if r.arena != nil {
+		r.setArena(nil)
+	}
+	err := r.ring.Close()
+	if r.ring.InFlight() != 0 && err == nil {
+		panic("iouring: reactor: ring closed with requests in flight")
+	}
+	return err
+}
+
+// ---- caller side ----
+
+func (b *uringBackend) pick() *reactor {
+	if len(b.reactors) == 1 {
+		return b.reactors[0]
+	}
+	return b.reactors[b.next.Add(1)%uint32(len(b.reactors))]
+}
+
+// call runs one request synchronously and returns the kernel's result.
+func (r *reactor) call(op, kind uint8, p []byte, off int64, a *Arena) (int32, string) {
+	idx := <-r.free
+	s := &r.slots[idx]
+	s.gen++
+	s.op, s.kind, s.buf, s.off, s.arena = op, kind, p, off, a
+	s.state.Store(stPending)
+	r.push(idx, idx)
+	for i := 0; i < waiterSpin; i++ {
+		if s.state.Load() == stDone {
+			break
+		}
+		runtime.Gosched()
+	}
+	if s.state.CompareAndSwap(stPending, stParked) {
+		r.npark.Add(1)
+		<-s.wake
+	}
+	res, note := s.res, s.note
+	s.note = ""
+	r.free <- idx
+	return res, note
+}
+
+func (b *uringBackend) rw(write bool, p []byte, off int64) (int, error) {
+	op := uint8(opRead)
+	if write {
+		op = opWrite
+	}
+	res, _ := b.pick().call(op, kindSync, p, off, nil)
+	if res < 0 {
+		return 0, errnoOf(res)
+	}
+	if int(res) > len(p) {
+		panic(fmt.Sprintf("iouring: kernel transferred %d bytes for a %d-byte request", res, len(p)))
+	}
+	return int(res), nil
+}
+
+func (b *uringBackend) sync() error {
+	// One fdatasync covers the file, whichever ring issues it.
+	res, _ := b.reactors[0].call(opFsync, kindSync, nil, 0, nil)
+	return errnoOf(res)
+}
+
+func (b *uringBackend) do(ops []Op) {
+	bt := batchPool.Get().(*batch)
+	if cap(bt.res) < len(ops) {
+		bt.res = make([]int32, len(ops))
+	}
+	bt.res = bt.res[:len(ops)]
+	bt.remaining.Store(int32(len(ops)))
+	bt.state.Store(stPending)
+	r := b.pick()
+	// Take as many slots as are free, push them as one chain, and block
+	// for more only when none is free: every slot held is already on its
+	// way to the kernel, so a large batch cannot deadlock against others.
+	var bottom, top uint32
+	chain := 0
+	flush := func() {
+		if chain > 0 {
+			r.push(bottom, top)
+			chain = 0
+		}
+	}
+	for i := range ops {
+		var idx uint32
+		select {
+		case idx = <-r.free:
+		default:
+			flush()
+			idx = <-r.free
+		}
+		s := &r.slots[idx]
+		s.gen++
+		s.op = opRead
+		if ops[i].Write {
+			s.op = opWrite
+		}
+		buf := ops[i].Buf
+		if len(buf) > maxRW {
+			buf = buf[:maxRW]
+		}
+		s.kind, s.buf, s.off, s.batch, s.bidx = kindBatch, buf, ops[i].Off, bt, i
+		if chain == 0 {
+			bottom = idx
+		} else {
+			s.next = top + 1
+		}
+		top = idx
+		chain++
+	}
+	flush()
+	if bt.state.CompareAndSwap(stPending, stParked) {
+		r.npark.Add(1)
+		<-bt.wake
+	}
+	for i := range ops {
+		res := bt.res[i]
+		if res < 0 {
+			ops[i].Err = errnoOf(res)
+			continue
+		}
+		ops[i].N = int(res)
+	}
+	batchPool.Put(bt)
+}
+
+func (b *uringBackend) registerArena(a *Arena) (string, error) {
+	if a != nil {
+		if err := a.acquire(); err != nil {
+			return "", fmt.Errorf("iouring: RegisterArena: %w", err)
+		}
+		defer a.release()
+	}
+	var note string
+	for _, r := range b.reactors {
+		_, note = r.call(0, kindCtl, nil, 0, a)
+	}
+	return note, nil
+}
+
+func (b *uringBackend) stats() FileStats {
+	var st FileStats
+	for _, r := range b.reactors {
+		st.Requests += r.nreq.Load()
+		st.Enters += r.nenter.Load()
+		st.Sleeps += r.nsleep.Load()
+		st.Kicks += r.nkick.Load()
+		st.Parks += r.npark.Load()
+	}
+	return st
+}
+
+func (b *uringBackend) close() error {
+	var errs []error
+	for _, r := range b.reactors {
+		r.stop.Store(true)
+		r.kick()
+	}
+	for _, r := range b.reactors {
+		<-r.done
+		if r.err != nil {
+			errs = append(errs, r.err)
+		}
+		if err := unix.Close(r.efd); err != nil {
+			errs = append(errs, fmt.Errorf("iouring: close eventfd: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
