@@ -131,10 +131,14 @@ var (
 	ErrState = errors.New("range not in the required state")
 )
 
-// entry is one maximal non-hole extent. The B-tree orders entries by start
-// only, so len, state and phys may be changed in place; start may be
-// changed in place only when no other entry starts between its old and new
-// value (the order, and so the B-tree's shape, stays valid).
+// entry is one maximal non-hole extent. The B-tree orders entries by their
+// end (start+len): then one ascending search from "end >= s" yields the
+// left neighbour that touches s, the entries intersecting a range and the
+// right neighbour, with no second search for a predecessor. Entries never
+// overlap, so this is also the order of their starts. state, phys and start
+// (keeping the end) may change in place; the end may change in place only
+// when no other entry ends between its old and new value, so that the
+// order, and with it the B-tree's shape, stays valid.
 type entry struct {
 	start, len int64
 	phys       int64 // -1 for Delalloc
@@ -194,22 +198,16 @@ type Tree struct {
 	// Scratch space and pre-built iterator closures: B-tree iteration takes
 	// a closure, and building one per call would allocate.
 	pivot   entry    // search key
-	found   *entry   // result of floorFn
 	scratch []*entry // result of collect
 	stopAt  int64    // collect stops after the first entry starting at or past it
 	pieces  []Segment
-	floorFn func(*entry) bool
 	collFn  func(*entry) bool
 }
 
 // New returns an empty tree: every block a hole.
 func New() *Tree {
 	t := &Tree{
-		bt: btree.NewG[*entry](btreeDegree, func(a, b *entry) bool { return a.start < b.start }),
-	}
-	t.floorFn = func(e *entry) bool {
-		t.found = e
-		return false
+		bt: btree.NewG[*entry](btreeDegree, func(a, b *entry) bool { return a.end() < b.end() }),
 	}
 	t.collFn = func(e *entry) bool {
 		t.scratch = append(t.scratch, e)
@@ -306,39 +304,26 @@ func (t *Tree) resize(e *entry, n int64) {
 
 // ---- searching ----
 
-// floor returns the entry with the greatest start <= b, or nil.
-func (t *Tree) floor(b int64) *entry {
-	if t.last != nil && t.last.start <= b {
-		return t.last
-	}
-	t.found = nil
-	t.pivot.start = b
-	t.bt.DescendLessOrEqual(&t.pivot, t.floorFn)
-	return t.found
-}
-
 // collect returns, in order, every entry intersecting [s, e) together with
-// its neighbours: the last entry starting before s, if any, comes first (it
-// may intersect the range or end at or before s), and the first entry
-// starting at or after e, if any, comes last. The slice is
-// scratch space, valid until the next collect.
+// its touching neighbours: the entry ending exactly at s, if any, comes
+// first, and the first entry starting at or after e, if any, comes last
+// (it may or may not touch e). The slice is scratch space, valid until the
+// next collect.
 func (t *Tree) collect(s, e int64) []*entry {
 	if cap(t.scratch) > maxScratch {
 		t.scratch = nil
 	}
 	t.scratch = t.scratch[:0]
-	if s > 0 {
-		// The entry holding block s-1 (or the last one before it) is the
-		// left neighbour whether or not another entry starts at s.
-		if f := t.floor(s - 1); f != nil {
-			t.scratch = append(t.scratch, f)
-			if f == t.last {
-				return t.scratch
-			}
-		}
+	switch l := t.last; {
+	case l == nil || l.end() < s:
+		return t.scratch // nothing ends at or after s
+	case l.start < s:
+		// Every other entry ends at or before l.start < s: the common case
+		// of writes at the end of an object needs no search.
+		return append(t.scratch, l)
 	}
 	t.stopAt = e
-	t.pivot.start = s
+	t.pivot.start, t.pivot.len = s, 0 // end() == s
 	t.bt.AscendGreaterOrEqual(&t.pivot, t.collFn)
 	return t.scratch
 }
@@ -395,16 +380,19 @@ func (t *Tree) fillGap(g0, g1 int64, st State, phys int64, left, right *entry) *
 		(st == Delalloc || phys+n == right.phys)
 	switch {
 	case joinL && joinR:
+		// right goes first: while both are in the tree, left may not take
+		// right's end as its key. Then no entry ends in (g0, right's end],
+		// so left can grow in place.
 		rlen := right.len
 		t.remove(right)
 		t.resize(left, left.len+n+rlen)
 		return left
 	case joinL:
+		// No entry ends inside the gap: left grows in place.
 		t.resize(left, left.len+n)
 		return left
 	case joinR:
-		// Moving right's start down to g0 is safe in place: [g0, g1) is a
-		// gap, so no other entry starts between the old and new key.
+		// right's end (its key) stays; only its start moves down.
 		t.resize(right, right.len+n)
 		right.start = g0
 		if st != Delalloc {
@@ -429,18 +417,18 @@ func (t *Tree) assign(s, e int64, st State, phys int64) {
 		case x.start >= e:
 			right = x
 		case x.start < s && x.end() > e:
-			// x covers the range with blocks to spare on both sides:
-			// keep its head in place, re-insert its tail.
+			// x covers the range with blocks to spare on both sides: keep
+			// its head in place (no other entry ends inside x, so its key
+			// may shrink to s) and insert its tail.
 			tail := t.newEntry(e, x.end()-e, x.state, x.physAt(e))
 			t.resize(x, s-x.start)
 			t.insert(tail)
 			left, right = x, tail
 		case x.start < s:
-			t.resize(x, s-x.start)
+			t.resize(x, s-x.start) // nothing else ends inside x
 			left = x
 		case x.end() > e:
-			// Keep x's tail. Moving its start up to e is safe in place: x
-			// alone covers [x.start, e), so no other entry starts there.
+			// Keep x's tail: its end (the key) stays, its start moves up.
 			t.resize(x, x.end()-e)
 			x.phys = x.physAt(e)
 			x.start = e
@@ -622,7 +610,14 @@ func (t *Tree) SetUnwritten(start, n, phys int64) error {
 	}
 	e := start + n
 	// Delalloc entries are maximal, so an all-Delalloc range lies in one.
-	if f := t.floor(start); f == nil || f.state != Delalloc || f.end() < e {
+	inOne := false
+	for _, x := range t.collect(start, e) {
+		if x.end() > start {
+			inOne = x.state == Delalloc && x.start <= start && x.end() >= e
+			break
+		}
+	}
+	if !inOne {
 		return t.requireAll("SetUnwritten", start, e, Delalloc)
 	}
 	t.assign(start, e, Unwritten, phys)
@@ -749,7 +744,14 @@ func (t *Tree) Punch(dst []PhysExtent, start, n int64) (freed []PhysExtent, dela
 	if !touched {
 		return dst, 0, nil
 	}
-	t.assign(start, e, Hole, -1)
+	if first, _ := t.bt.Min(); start <= first.start && e >= t.last.end() {
+		// Everything goes (removing an object, truncating it to 0): drop
+		// the whole B-tree at once instead of deleting entry by entry.
+		t.bt.Clear(false)
+		t.last, t.stats = nil, [numStates]stateStats{}
+	} else {
+		t.assign(start, e, Hole, -1)
+	}
 	t.gen++
 	return dst, delallocDropped, nil
 }
