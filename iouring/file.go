@@ -389,4 +389,3 @@ func errnoOf(res int32) error {
 	}
 	return syscall.Errno(-res)
 }
-

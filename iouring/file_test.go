@@ -1,0 +1,605 @@
+//go:build linux
+
+package iouring
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ncw/directio"
+	"golang.org/x/sys/unix"
+)
+
+// modes lists the backends to run a test against.
+func modes(t *testing.T) []Mode {
+	if Probe() != nil {
+		return []Mode{ModePsync}
+	}
+	return []Mode{ModeIOURing, ModePsync}
+}
+
+func newTestFile(t *testing.T, fd int, opts FileOptions) *File {
+	t.Helper()
+	f, err := NewFile(fd, opts)
+	if err != nil {
+		t.Fatalf("NewFile: %v", err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// fill writes a recognisable pattern for (block, version) into b.
+func fill(b []byte, block, version uint64) {
+	for i := 0; i < len(b); i += 16 {
+		binary.LittleEndian.PutUint64(b[i:], block)
+		binary.LittleEndian.PutUint64(b[i+8:], version*0x9e3779b97f4a7c15+uint64(i))
+	}
+}
+
+// TestFileConcurrentRandomIO: 32 goroutines make 10,000 random 4 KiB writes,
+// then read every block back and check it byte for byte.
+func TestFileConcurrentRandomIO(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			const (
+				bs      = 4096
+				blocks  = 1024
+				workers = 32
+			)
+			total := 10000
+			if testing.Short() {
+				total = 2000
+			}
+			osf := tempDirect(t, blocks*bs)
+			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode, QueueDepth: 32})
+			// Worker w owns blocks b with b%workers == w, so the expected
+			// content of each block is known without locking.
+			version := make([]uint64, blocks)
+			var wg sync.WaitGroup
+			errs := make(chan error, workers)
+			for w := range workers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					rng := rand.New(rand.NewPCG(uint64(w), 1))
+					buf := directio.AlignedBlock(bs)
+					for i := range total / workers {
+						blk := uint64(rng.IntN(blocks/workers)*workers + w)
+						v := uint64(i + 1)
+						fill(buf, blk, v)
+						if n, err := f.WriteAt(buf, int64(blk)*bs); err != nil || n != bs {
+							errs <- fmt.Errorf("write block %d: %d, %v", blk, n, err)
+							return
+						}
+						version[blk] = v
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			var bad atomic.Int64
+			for w := range workers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					got := directio.AlignedBlock(bs)
+					want := make([]byte, bs)
+					for blk := w; blk < blocks; blk += workers {
+						if n, err := f.ReadAt(got, int64(blk)*bs); err != nil || n != bs {
+							t.Errorf("read block %d: %d, %v", blk, n, err)
+							bad.Add(1)
+							return
+						}
+						if version[blk] == 0 {
+							clear(want)
+						} else {
+							fill(want, uint64(blk), version[blk])
+						}
+						if !bytes.Equal(got, want) {
+							t.Errorf("block %d: content differs from version %d", blk, version[blk])
+							bad.Add(1)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			if bad.Load() == 0 {
+				st := f.Stats()
+				t.Logf("%s; stats %+v", f.Reason(), st)
+				if st.Requests < uint64(total/workers*workers+blocks) {
+					t.Errorf("stats count %d requests, made at least %d", st.Requests, total/workers*workers+blocks)
+				}
+			}
+		})
+	}
+}
+
+// TestFileTinyQueue runs far more concurrent requests than the ring's CQ has
+// entries: callers must wait for slots, and nothing may be lost.
+func TestFileTinyQueue(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			const bs, workers, per = 4096, 64, 40
+			osf := tempDirect(t, workers*bs)
+			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode, QueueDepth: 1})
+			var wg sync.WaitGroup
+			for w := range workers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					buf := directio.AlignedBlock(bs)
+					got := directio.AlignedBlock(bs)
+					for i := range per {
+						fill(buf, uint64(w), uint64(i))
+						if _, err := f.WriteAt(buf, int64(w)*bs); err != nil {
+							t.Errorf("write: %v", err)
+							return
+						}
+						if _, err := f.ReadAt(got, int64(w)*bs); err != nil {
+							t.Errorf("read: %v", err)
+							return
+						}
+						if !bytes.Equal(got, buf) {
+							t.Errorf("worker %d iteration %d: read back other bytes", w, i)
+							return
+						}
+					}
+				}()
+			}
+			// A batch larger than the whole slot table, at the same time.
+			ops := make([]Op, 100)
+			for i := range ops {
+				ops[i] = Op{Buf: directio.AlignedBlock(bs), Off: int64(i%workers) * bs}
+			}
+			if err := f.Do(ops); err != nil {
+				t.Errorf("Do: %v", err)
+			}
+			wg.Wait()
+			for i, op := range ops {
+				if op.N != bs || op.Err != nil {
+					t.Fatalf("op %d: N %d Err %v", i, op.N, op.Err)
+				}
+			}
+		})
+	}
+}
+
+// TestFileKernelErrors: errors the kernel reports reach the caller.
+func TestFileKernelErrors(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			osf := tempDirect(t, 1<<20)
+			if _, err := osf.WriteAt(directio.AlignedBlock(1<<16), 0); err != nil {
+				t.Fatal(err)
+			}
+			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode})
+			buf := directio.AlignedBlock(8192)
+			// O_DIRECT: misaligned offset, length, or buffer address.
+			for _, c := range []struct {
+				name string
+				p    []byte
+				off  int64
+			}{
+				{"offset", buf[:4096], 100},
+				{"length", buf[:1000], 0},
+				{"address", buf[1 : 4096+1], 0},
+			} {
+				if _, err := f.ReadAt(c.p, c.off); !errors.Is(err, syscall.EINVAL) {
+					t.Errorf("misaligned %s read: %v, want EINVAL", c.name, err)
+				}
+				if _, err := f.WriteAt(c.p, c.off); !errors.Is(err, syscall.EINVAL) {
+					t.Errorf("misaligned %s write: %v, want EINVAL", c.name, err)
+				}
+			}
+			if _, err := f.ReadAt(buf, -4096); !errors.Is(err, syscall.EINVAL) {
+				t.Errorf("negative offset: %v, want EINVAL", err)
+			}
+			// A descriptor closed under the File: EBADF.
+			dup, err := unix.Dup(int(osf.Fd()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			g := newTestFile(t, dup, FileOptions{Mode: mode})
+			unix.Close(dup)
+			if _, err := g.ReadAt(buf, 0); !errors.Is(err, syscall.EBADF) {
+				t.Errorf("read on closed fd: %v, want EBADF", err)
+			}
+			if err := g.Sync(); !errors.Is(err, syscall.EBADF) {
+				t.Errorf("sync on closed fd: %v, want EBADF", err)
+			}
+			// Batches report per-op errors and the first one.
+			ops := []Op{
+				{Buf: buf[:4096], Off: 0},
+				{Buf: buf[:4096], Off: 100},
+				{Buf: buf[4096:], Off: 4096, Write: true},
+			}
+			err = f.Do(ops)
+			if !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "op 1 of 3") {
+				t.Errorf("Do: %v, want op 1's EINVAL", err)
+			}
+			if ops[0].Err != nil || ops[0].N != 4096 || ops[2].Err != nil || ops[2].N != 4096 || !errors.Is(ops[1].Err, syscall.EINVAL) {
+				t.Errorf("Do results: %+v", ops)
+			}
+			if err := f.Do([]Op{{Buf: buf, Off: -1}}); !errors.Is(err, syscall.EINVAL) {
+				t.Errorf("Do with negative offset: %v", err)
+			}
+		})
+	}
+}
+
+// TestFileShortTransfer: a read that runs into the end of a regular file is
+// an error, not a silent short count.
+func TestFileShortTransfer(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "short")
+			if err := os.WriteFile(path, bytes.Repeat([]byte{7}, 1000), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			osf, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer osf.Close()
+			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode})
+			buf := make([]byte, 4096)
+			n, err := f.ReadAt(buf, 0)
+			if n != 1000 || !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Fatalf("ReadAt past the end = %d, %v; want 1000, ErrUnexpectedEOF", n, err)
+			}
+			ops := []Op{{Buf: buf, Off: 0}}
+			if err := f.Do(ops); !errors.Is(err, io.ErrUnexpectedEOF) || ops[0].N != 1000 {
+				t.Fatalf("Do past the end: N %d, %v", ops[0].N, err)
+			}
+			if n, err := f.ReadAt(buf[:0], 0); n != 0 || err != nil {
+				t.Fatalf("empty read: %d, %v", n, err)
+			}
+		})
+	}
+}
+
+// TestFileCloseInFlight closes a File while 32 goroutines hammer it.
+func TestFileCloseInFlight(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			const bs = 4096
+			osf := tempDirect(t, 256*bs)
+			f, err := NewFile(int(osf.Fd()), FileOptions{Mode: mode, QueueDepth: 8})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var wg sync.WaitGroup
+			var ok, closed atomic.Int64
+			for w := range 32 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					buf := directio.AlignedBlock(bs)
+					buf2 := directio.AlignedBlock(bs)
+					for i := 0; ; i++ {
+						off := int64((w*7+i)%256) * bs
+						var err error
+						switch i % 4 {
+						case 0:
+							_, err = f.WriteAt(buf, off)
+						case 1:
+							err = f.Do([]Op{{Buf: buf, Off: off}, {Buf: buf2, Off: off}})
+						default:
+							_, err = f.ReadAt(buf, off)
+						}
+						if errors.Is(err, ErrClosed) {
+							closed.Add(1)
+							return
+						}
+						if err != nil {
+							t.Errorf("I/O before Close failed: %v", err)
+							return
+						}
+						ok.Add(1)
+					}
+				}()
+			}
+			time.Sleep(30 * time.Millisecond)
+			done := make(chan error)
+			go func() { done <- f.Close() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("Close: %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("Close hangs with I/O in flight")
+			}
+			wg.Wait()
+			if closed.Load() != 32 {
+				t.Fatalf("%d of 32 goroutines saw ErrClosed", closed.Load())
+			}
+			t.Logf("%d requests completed before Close", ok.Load())
+		})
+	}
+}
+
+func TestFileUseAfterClose(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			osf := tempDirect(t, 1<<16)
+			f, err := NewFile(int(osf.Fd()), FileOptions{Mode: mode})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			buf := directio.AlignedBlock(4096)
+			if _, err := f.ReadAt(buf, 0); !errors.Is(err, ErrClosed) {
+				t.Errorf("ReadAt: %v", err)
+			}
+			if _, err := f.WriteAt(buf, 0); !errors.Is(err, ErrClosed) {
+				t.Errorf("WriteAt: %v", err)
+			}
+			if err := f.Sync(); !errors.Is(err, ErrClosed) {
+				t.Errorf("Sync: %v", err)
+			}
+			if err := f.Do([]Op{{Buf: buf}}); !errors.Is(err, ErrClosed) {
+				t.Errorf("Do: %v", err)
+			}
+			if err := f.RegisterArena(nil); !errors.Is(err, ErrClosed) {
+				t.Errorf("RegisterArena: %v", err)
+			}
+			if err := f.Close(); !errors.Is(err, ErrClosed) {
+				t.Errorf("second Close: %v", err)
+			}
+			// The fd is the caller's: still open.
+			if _, err := osf.WriteAt(buf, 0); err != nil {
+				t.Errorf("fd unusable after File.Close: %v", err)
+			}
+		})
+	}
+}
+
+func TestFileSync(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			osf := tempDirect(t, 1<<16)
+			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode})
+			if _, err := f.WriteAt(directio.AlignedBlock(4096), 4096); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatalf("Sync: %v", err)
+			}
+		})
+	}
+}
+
+func TestFileModeSelection(t *testing.T) {
+	osf := tempDirect(t, 1<<16)
+	fd := int(osf.Fd())
+	open := func(opts FileOptions) (*File, error) {
+		f, err := NewFile(fd, opts)
+		if err == nil {
+			t.Cleanup(func() { f.Close() })
+		}
+		return f, err
+	}
+	f, err := open(FileOptions{Mode: ModePsync})
+	if err != nil || f.Mode() != ModePsync || !strings.Contains(f.Reason(), "forced by FileOptions.Mode") {
+		t.Fatalf("ModePsync: %v, %v", f, err)
+	}
+	if _, err := open(FileOptions{Mode: "aio"}); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("bad mode: %v", err)
+	}
+	for _, qd := range []int{-1, MaxQueueDepth + 1} {
+		if _, err := open(FileOptions{QueueDepth: qd}); !errors.Is(err, syscall.EINVAL) {
+			t.Errorf("queue depth %d: %v", qd, err)
+		}
+	}
+	if _, err := open(FileOptions{Rings: MaxRings + 1}); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("too many rings: %v", err)
+	}
+	if _, err := NewFile(-1, FileOptions{}); !errors.Is(err, syscall.EBADF) {
+		t.Errorf("fd -1: %v", err)
+	}
+
+	t.Setenv(EnvMode, "psync")
+	f, err = open(FileOptions{})
+	if err != nil || f.Mode() != ModePsync || !strings.Contains(f.Reason(), "forced by "+EnvMode) {
+		t.Fatalf("%s=psync: mode %v reason %q, %v", EnvMode, f.Mode(), f.Reason(), err)
+	}
+	t.Setenv(EnvMode, "bogus")
+	if _, err := open(FileOptions{}); !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), EnvMode) {
+		t.Errorf("%s=bogus: %v", EnvMode, err)
+	}
+	if Probe() != nil {
+		return
+	}
+	t.Setenv(EnvMode, "io_uring")
+	f, err = open(FileOptions{})
+	if err != nil || f.Mode() != ModeIOURing || !strings.Contains(f.Reason(), "forced by "+EnvMode) {
+		t.Fatalf("%s=io_uring: %v, %v", EnvMode, f, err)
+	}
+	// The environment applies to ModeAuto only.
+	t.Setenv(EnvMode, "psync")
+	f, err = open(FileOptions{Mode: ModeIOURing})
+	if err != nil || f.Mode() != ModeIOURing {
+		t.Fatalf("ModeIOURing under %s=psync: %v, %v", EnvMode, f, err)
+	}
+	t.Setenv(EnvMode, "")
+	f, err = open(FileOptions{Rings: 2})
+	if err != nil || f.Mode() != ModeIOURing || !strings.HasPrefix(f.Reason(), "io_uring: 2 rings") {
+		t.Fatalf("auto: %v, %v", f.Reason(), err)
+	}
+	buf := directio.AlignedBlock(4096)
+	for i := range 8 { // both rings serve requests
+		if _, err := f.WriteAt(buf, int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFileFallback simulates kernels that refuse io_uring.
+func TestFileFallback(t *testing.T) {
+	osf := tempDirect(t, 1<<16)
+	fd := int(osf.Fd())
+	refused := fmt.Errorf("io_uring_setup: %w", syscall.EPERM)
+
+	// Refused at probe time (seccomp, io_uring_disabled).
+	saved := probeHook
+	probeHook = func() error { return refused }
+	t.Cleanup(func() { probeHook = saved })
+	f := newTestFile(t, fd, FileOptions{})
+	if f.Mode() != ModePsync || f.Reason() != "psync: io_uring_setup: operation not permitted" {
+		t.Errorf("auto with io_uring refused: %s, %q", f.Mode(), f.Reason())
+	}
+	if _, err := f.WriteAt(directio.AlignedBlock(4096), 0); err != nil {
+		t.Errorf("psync fallback write: %v", err)
+	}
+	if _, err := NewFile(fd, FileOptions{Mode: ModeIOURing}); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("forced io_uring when refused: %v, want EPERM", err)
+	}
+	probeHook = saved
+	if Probe() != nil {
+		return
+	}
+
+	// Probe passes but the reactor's own setup is refused.
+	savedRing := newRingHook
+	newRingHook = func(RingOptions) (*Ring, error) {
+		return nil, fmt.Errorf("iouring: io_uring_setup: %w", syscall.EACCES)
+	}
+	t.Cleanup(func() { newRingHook = savedRing })
+	f = newTestFile(t, fd, FileOptions{})
+	if f.Mode() != ModePsync || !strings.Contains(f.Reason(), "permission denied") {
+		t.Errorf("auto with ring setup refused: %s, %q", f.Mode(), f.Reason())
+	}
+	if _, err := NewFile(fd, FileOptions{Mode: ModeIOURing}); !errors.Is(err, syscall.EACCES) {
+		t.Errorf("forced io_uring when setup refused: %v, want EACCES", err)
+	}
+}
+
+func TestFileArena(t *testing.T) {
+	for _, mode := range modes(t) {
+		t.Run(string(mode), func(t *testing.T) {
+			const bs = 4096
+			osf := tempDirect(t, 64*bs)
+			a, err := NewArena(16 * bs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f, err := NewFile(int(osf.Fd()), FileOptions{Mode: mode, Arena: a})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if mode == ModeIOURing {
+				if !strings.Contains(f.Reason(), "fixed buffers: 65536-byte arena registered") {
+					t.Errorf("Reason %q does not mention the arena", f.Reason())
+				}
+				if err := a.Close(); !errors.Is(err, syscall.EBUSY) {
+					t.Errorf("closing a registered arena: %v, want EBUSY", err)
+				}
+			}
+			mem := a.Bytes()
+			heap := directio.AlignedBlock(bs)
+			// Fixed and plain buffers, singly and in a batch.
+			for i := range 16 {
+				fill(mem[i*bs:(i+1)*bs], uint64(i), 1)
+			}
+			ops := make([]Op, 16)
+			for i := range ops {
+				ops[i] = Op{Write: true, Buf: mem[i*bs : (i+1)*bs], Off: int64(i) * bs}
+			}
+			if err := f.Do(ops); err != nil {
+				t.Fatal(err)
+			}
+			for i := range 16 {
+				if _, err := f.ReadAt(heap, int64(i)*bs); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(heap, mem[i*bs:(i+1)*bs]) {
+					t.Fatalf("block %d differs", i)
+				}
+			}
+			clear(mem)
+			if _, err := f.ReadAt(mem[3*bs:5*bs], 3*bs); err != nil {
+				t.Fatal(err)
+			}
+			want := make([]byte, bs)
+			fill(want, 4, 1)
+			if !bytes.Equal(mem[4*bs:5*bs], want) {
+				t.Fatal("READ_FIXED returned other bytes")
+			}
+
+			// A kernel that refuses to pin the arena: I/O goes on without
+			// fixed buffers and Reason says why.
+			saved := registerHook
+			registerHook = func(*Ring, [][]byte) error {
+				return fmt.Errorf("io_uring_register: %w", syscall.ENOMEM)
+			}
+			defer func() { registerHook = saved }()
+			if err := f.RegisterArena(a); err != nil {
+				t.Fatal(err)
+			}
+			if mode == ModeIOURing && !strings.Contains(f.Reason(), "fixed buffers off") {
+				t.Errorf("Reason %q does not say fixed buffers are off", f.Reason())
+			}
+			if _, err := f.ReadAt(mem[:bs], 0); err != nil {
+				t.Fatal(err)
+			}
+			registerHook = saved
+			if err := f.RegisterArena(nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := a.Close(); err != nil {
+				t.Fatalf("closing the arena after the File: %v", err)
+			}
+			g := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode})
+			if err := g.RegisterArena(a); !errors.Is(err, ErrClosed) && mode == ModeIOURing {
+				t.Errorf("registering a closed arena: %v", err)
+			}
+		})
+	}
+}
+
+// TestFileNoAllocs: the synchronous io_uring path allocates nothing per
+// request in steady state.
+func TestFileNoAllocs(t *testing.T) {
+	needIOURing(t)
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	osf := tempDirect(t, 1<<16)
+	f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: ModeIOURing})
+	buf := directio.AlignedBlock(4096)
+	if _, err := f.WriteAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	allocs := testing.AllocsPerRun(200, func() {
+		if _, err := f.ReadAt(buf, 0); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per ReadAt, want 0", allocs)
+	}
+}
