@@ -207,10 +207,12 @@ func (s *Space) Counts() Counts { return s.acct.Snapshot() }
 //     shortest such extent; among extents of that length, the one where rem
 //     blocks, placed as close to goal as the extent allows, land nearest
 //     goal (the lower start on a tie).
-//  3. Otherwise no single extent is large enough: the longest free extent
-//     (nearest goal by start on a tie) is taken from its start, whole or
-//     MaxExtent of it. Taking the largest pieces first gives the fewest
-//     extents.
+//  3. Otherwise no single extent is large enough, and the largest pieces
+//     are taken first, which gives the fewest extents: n = min(longest free
+//     extent, MaxExtent) blocks, from the free extent starting exactly at
+//     goal if it has n (so the pieces stay in order on the device), else
+//     from the start of the longest free extent (nearest goal by start on a
+//     tie).
 //
 // In cases 1 and 2 an allocation longer than MaxExtent comes back as
 // consecutive extents of MaxExtent and a remainder. After each extent the
@@ -271,8 +273,18 @@ func (s *Space) pick(rem, goal int64) (piece, from Extent) {
 	if !ok {
 		panic("reserve: pick: no free extent although free blocks are counted")
 	}
+	// The largest piece anything offers is n = min(longest, MaxExtent).
+	// A run starting at goal that offers n continues the previous extent;
+	// taking n from a run's start costs no more extents than taking it from
+	// the longest run.
+	n = min(m.Len, s.maxExtent)
+	if goal >= 0 {
+		if f, ok := s.byStart.Get(Extent{Start: goal}); ok && f.Len >= n {
+			return Extent{Start: goal, Len: n}, f
+		}
+	}
 	f := s.nearest(m.Len, m.Len, goal)
-	return Extent{Start: f.Start, Len: min(f.Len, s.maxExtent)}, f
+	return Extent{Start: f.Start, Len: n}, f
 }
 
 // nearest returns, among the free extents of length l, the one where n
