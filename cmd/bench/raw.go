@@ -43,6 +43,7 @@ type rawCmd struct {
 	IO      string        `name:"io" enum:"auto,io_uring,psync" default:"auto" help:"I/O engine: ${enum}. auto follows the device (io_uring unless the kernel refuses it or RAWBLOCK_IO=psync)."`
 	Force   bool          `help:"Write even to a block device that holds a file system or other signature."`
 	JSON    bool          `name:"json" help:"Print one JSON object instead of text."`
+	CPUProf string        `name:"cpuprofile" type:"path" placeholder:"FILE" help:"Write a Go CPU profile of the run to FILE."`
 }
 
 // rawSpec is one raw workload.
@@ -78,7 +79,14 @@ func (c *rawCmd) Run(env *appEnv) error {
 	if err != nil {
 		return err
 	}
+	stopProfile, err := startCPUProfile(c.CPUProf)
+	if err != nil {
+		return errors.Join(err, bd.close())
+	}
 	res, err := runRaw(env.ctx, bd, spec)
+	if perr := stopProfile(); perr != nil {
+		err = errors.Join(err, perr)
+	}
 	if cerr := bd.close(); cerr != nil {
 		err = errors.Join(err, cerr)
 	}
@@ -484,7 +492,7 @@ func (j *rawJob) runRing(t0 time.Time) {
 				default:
 					err = r.PrepRead(j.fd, buf, off, uint64(slot))
 				}
-				if errors.Is(err, iouring.ErrSQFull) {
+				if errors.Is(err, iouring.ErrSQFull) || errors.Is(err, iouring.ErrCQFull) {
 					break
 				}
 				if err != nil {
@@ -538,12 +546,12 @@ func (j *rawJob) runPsync(t0 time.Time) {
 			// Latencies are batched locally so the shared histogram's
 			// lock is taken once per batch, not once per I/O.
 			var batch [256]int64
-			n := 0
+			nlat := 0
 			var ops int64
 			var err error
 			flush := func() {
 				mu.Lock()
-				for _, v := range batch[:n] {
+				for _, v := range batch[:nlat] {
 					recordLatency(j.lat, v)
 				}
 				j.ops += ops
@@ -551,11 +559,15 @@ func (j *rawJob) runPsync(t0 time.Time) {
 					j.err = err
 				}
 				mu.Unlock()
-				n, ops = 0, 0
+				nlat, ops = 0, 0
 			}
 			defer flush()
 			for !failed.Load() && !j.stop.Load() {
-				off := offs.at(j.first, seq.Add(1)-1)
+				var n uint64
+				if !offs.random {
+					n = seq.Add(1) - 1 // the job's goroutines share one sequential stream
+				}
+				off := offs.at(j.first, n)
 				start := time.Since(t0)
 				var k int
 				var e error
@@ -577,9 +589,9 @@ func (j *rawJob) runPsync(t0 time.Time) {
 					return
 				}
 				ops++
-				batch[n] = int64(end - start)
-				n++
-				if n == len(batch) {
+				batch[nlat] = int64(end - start)
+				nlat++
+				if nlat == len(batch) {
 					flush()
 				}
 				if end >= s.runtime {

@@ -104,10 +104,10 @@ func printResult(w io.Writer, r *result) error {
 // printTable prints results as one aligned table, one row per result.
 func printTable(w io.Writer, rs []result) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "workload\tio\tIOPS\tMiB/s\tp50 µs\tp99 µs\tp99.9 µs\tCPU s/1M IOs\tRSS MiB\t")
+	fmt.Fprintln(tw, "workload\tio\tIOPS\tMiB/s\tp50 µs\tp99 µs\tp99.9 µs\tCPU s/1M IOs\tRSS MiB")
 	for i := range rs {
 		r := &rs[i]
-		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.1f\t%.1f\t%.1f\t%.1f\t%.2f\t%.1f\t\n",
+		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.1f\t%.1f\t%.1f\t%.1f\t%.2f\t%.1f\n",
 			r.label(), r.IOMode, r.IOPS, r.MiBPerS, r.Lat.P50, r.Lat.P99, r.Lat.P999, r.CPUPer1M, r.MaxRSSMiB)
 	}
 	if err := tw.Flush(); err != nil {
