@@ -189,7 +189,7 @@ const maxScratch = 1024
 // See the package documentation for the concurrency rules.
 type Tree struct {
 	bt    *btree.BTreeG[*entry]
-	last  *entry // entry with the greatest start, nil if empty: the append fast path
+	last  *entry // entry with the greatest start (and end), nil if empty: the append fast path
 	gen   uint64
 	stats [numStates]stateStats
 
@@ -197,10 +197,10 @@ type Tree struct {
 
 	// Scratch space and pre-built iterator closures: B-tree iteration takes
 	// a closure, and building one per call would allocate.
-	pivot   entry    // search key
-	scratch []*entry // result of collect
-	stopAt  int64    // collect stops after the first entry starting at or past it
-	pieces  []Segment
+	pivot   entry     // search key
+	scratch []*entry  // result of collect
+	stopAt  int64     // collect stops after the first entry starting at or past it
+	pieces  []Segment // SetWritten: the pieces to convert, copied out of scratch
 	collFn  func(*entry) bool
 }
 
@@ -547,10 +547,11 @@ func (t *Tree) MarkDelalloc(start, n int64) (holes int64, err error) {
 		}
 		if x.start > pos {
 			gEnd := min(x.start, e)
+			onlyNeighbour := x.start >= e // read before fillGap may merge x away
 			holes += gEnd - pos
 			f := t.fillGap(pos, gEnd, Delalloc, -1, prev, x)
-			if x.start >= e {
-				pos = e // x was only the right neighbour
+			if onlyNeighbour {
+				pos = e
 				break
 			}
 			if f.end() > gEnd {
