@@ -1,0 +1,648 @@
+package engine
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"pgregory.net/rapid"
+)
+
+// newTestFileDevice opens an O_DIRECT temp file of size bytes.
+func newTestFileDevice(t testing.TB, size int64) Device {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "dev")
+	dev, err := OpenDevice(path, DeviceOptions{CreateSize: size})
+	if err != nil {
+		t.Fatalf("OpenDevice: %v", err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	return dev
+}
+
+func mustFormatOpen(t testing.TB, dev Device, opts Options) *Engine {
+	t.Helper()
+	if err := Format(dev, FormatOptions{}); err != nil {
+		t.Fatalf("Format: %v", err)
+	}
+	e, err := Open(dev, opts)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	return e
+}
+
+func TestFormatOpenEmpty(t *testing.T) {
+	dev := NewMemDevice(16<<20, 512)
+	e := mustFormatOpen(t, dev, Options{})
+	if got := e.Objects(); len(got) != 0 {
+		t.Fatalf("Objects = %v, want none", got)
+	}
+	st := e.Stats()
+	if st.TotalBytes <= 0 || st.FreeBytes != st.TotalBytes || st.ReservedBytes != 0 {
+		t.Fatalf("Stats = %+v", st)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("second Close = %v, want ErrClosed", err)
+	}
+	if _, err := e.Create("x"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Create after Close = %v", err)
+	}
+}
+
+func TestFormatRejects(t *testing.T) {
+	if err := Format(NewMemDevice(8<<20, 512), FormatOptions{}); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("8 MiB device: %v", err)
+	}
+	dev := NewMemDevice(32<<20, 4096)
+	for _, bs := range []int{512, 1000, 3 << 12, 1 << 17} {
+		if err := Format(dev, FormatOptions{BlockSize: bs}); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("block size %d: %v", bs, err)
+		}
+	}
+	if err := Format(dev, FormatOptions{MetadataSize: 30 << 20}); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("huge metadata: %v", err)
+	}
+	if _, err := Open(NewMemDevice(32<<20, 512), Options{}); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("Open of an unformatted device: %v", err)
+	}
+}
+
+func TestBasicReadWrite(t *testing.T) {
+	for _, bs := range []int{4096, 16384} {
+		t.Run(strconv.Itoa(bs), func(t *testing.T) {
+			dev := NewMemDevice(64<<20, 512)
+			if err := Format(dev, FormatOptions{BlockSize: bs}); err != nil {
+				t.Fatal(err)
+			}
+			e, err := Open(dev, Options{CacheSize: 8 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			o, err := e.Create("a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.Create("a"); !errors.Is(err, fs.ErrExist) {
+				t.Fatalf("second Create: %v", err)
+			}
+			data := bytes.Repeat([]byte("0123456789abcdef"), 10000)
+			if n, err := o.WriteAt(data, 1000); n != len(data) || err != nil {
+				t.Fatalf("WriteAt = %d, %v", n, err)
+			}
+			got := make([]byte, len(data)+2000)
+			n, err := o.ReadAt(got, 0)
+			if n != len(data)+1000 || err != io.EOF {
+				t.Fatalf("ReadAt = %d, %v", n, err)
+			}
+			if !bytes.Equal(got[:1000], make([]byte, 1000)) || !bytes.Equal(got[1000:n], data) {
+				t.Fatal("read back differs")
+			}
+			if err := e.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			xs := o.Extents()
+			if len(xs) != 1 || xs[0].State != Written {
+				t.Fatalf("Extents = %+v, want one written", xs)
+			}
+			if err := e.Close(); err != nil {
+				t.Fatal(err)
+			}
+			e, err = Open(dev, Options{CacheSize: 8 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			o, err = e.Object("a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			clear(got)
+			n, err = o.ReadAt(got, 0)
+			if n != len(data)+1000 || err != io.EOF || !bytes.Equal(got[1000:n], data) {
+				t.Fatalf("after reopen ReadAt = %d, %v", n, err)
+			}
+			if _, err := e.Object("b"); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("Object(b) = %v", err)
+			}
+		})
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	e := mustFormatOpen(t, NewMemDevice(32<<20, 512), Options{CacheSize: 8 << 20})
+	defer e.Close()
+	for _, name := range []string{"", strings.Repeat("x", 256), "a\x00b"} {
+		if _, err := e.Create(name); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("Create(%q) = %v", name, err)
+		}
+	}
+	o, _ := e.Create("o")
+	if _, err := o.WriteAt([]byte("x"), -1); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("negative offset: %v", err)
+	}
+	if _, err := o.WriteAt([]byte("x"), MaxObjectSize); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("offset at max: %v", err)
+	}
+	if _, err := o.ReadAt(make([]byte, 1), -5); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("negative read offset: %v", err)
+	}
+	if err := o.Truncate(-1); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("negative truncate: %v", err)
+	}
+	if err := o.PunchHole(0, -1); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("negative punch: %v", err)
+	}
+	if o.Size() != 0 {
+		t.Errorf("size changed to %d", o.Size())
+	}
+	if err := e.Remove("o"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := o.WriteAt([]byte("x"), 0); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("write after remove: %v", err)
+	}
+	if _, err := o.ReadAt(make([]byte, 1), 0); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("read after remove: %v", err)
+	}
+	if err := o.Sync(); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("sync after remove: %v", err)
+	}
+}
+
+func TestTruncatePunchZeroes(t *testing.T) {
+	e := mustFormatOpen(t, NewMemDevice(32<<20, 512), Options{CacheSize: 8 << 20})
+	defer e.Close()
+	o, _ := e.Create("o")
+	data := bytes.Repeat([]byte{0xAB}, 5*4096)
+	o.WriteAt(data, 0)
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// Shrink into a block, then grow again: the tail must read zeros.
+	if err := o.Truncate(4096 + 100); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Truncate(5 * 4096); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 5*4096)
+	o.ReadAt(got, 0)
+	want := append(bytes.Repeat([]byte{0xAB}, 4096+100), make([]byte, 4*4096-100)...)
+	if !bytes.Equal(got, want) {
+		t.Fatal("truncate then extend did not zero the tail")
+	}
+	o.WriteAt(data, 0)
+	if err := o.PunchHole(100, 3*4096); err != nil {
+		t.Fatal(err)
+	}
+	o.ReadAt(got, 0)
+	want = bytes.Clone(data)
+	clear(want[100 : 100+3*4096])
+	if !bytes.Equal(got, want) {
+		t.Fatal("punch did not zero its range")
+	}
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	o.ReadAt(got, 0)
+	if !bytes.Equal(got, want) {
+		t.Fatal("punch lost after sync")
+	}
+}
+
+// model is the reference: named byte slices.
+type model map[string][]byte
+
+func (m model) write(name string, p []byte, off int64) {
+	b := m[name]
+	if end := off + int64(len(p)); end > int64(len(b)) {
+		b = append(b, make([]byte, end-int64(len(b)))...)
+	}
+	copy(b[off:], p)
+	m[name] = b
+}
+
+func TestEngineModel(t *testing.T) {
+	devs := map[string]func(t *rapid.T) Device{
+		"mem512": func(*rapid.T) Device { return NewMemDevice(24<<20, 512) },
+		"mem4k":  func(*rapid.T) Device { return NewMemDevice(24<<20, 4096) },
+		"odirect": func(rt *rapid.T) Device {
+			dir, err := os.MkdirTemp("", "rawblock-model")
+			if err != nil {
+				rt.Fatal(err)
+			}
+			rt.Cleanup(func() { os.RemoveAll(dir) })
+			dev, err := OpenDevice(filepath.Join(dir, "dev"), DeviceOptions{CreateSize: 24 << 20})
+			if err != nil {
+				rt.Fatal(err)
+			}
+			rt.Cleanup(func() { dev.Close() })
+			return dev
+		},
+	}
+	for name, mk := range devs {
+		t.Run(name, func(t *testing.T) {
+			rapid.Check(t, func(rt *rapid.T) {
+				runModel(rt, mk(rt))
+			})
+		})
+	}
+}
+
+func runModel(rt *rapid.T, dev Device) {
+	bsz := rapid.SampledFrom([]int{0, 8192}).Draw(rt, "blocksize")
+	if err := Format(dev, FormatOptions{BlockSize: bsz}); err != nil {
+		rt.Fatal(err)
+	}
+	opts := Options{CacheSize: 4 << 20, DirtyLimit: 1 << 20}
+	e, err := Open(dev, opts)
+	if err != nil {
+		rt.Fatal(err)
+	}
+	defer func() {
+		if e != nil {
+			e.Close()
+		}
+	}()
+	m := model{}
+	names := []string{"a", "b", "c"}
+	const maxOff = 1 << 20
+	get := func(name string) *Object {
+		o, err := e.Object(name)
+		if err != nil {
+			rt.Fatalf("Object(%q): %v", name, err)
+		}
+		return o
+	}
+	check := func(name string, off, n int64) {
+		o := get(name)
+		buf := make([]byte, n)
+		got, err := o.ReadAt(buf, off)
+		want := m[name]
+		if off >= int64(len(want)) {
+			if n > 0 && (got != 0 || err != io.EOF) {
+				rt.Fatalf("read %q at %d past size %d: %d, %v", name, off, len(want), got, err)
+			}
+			return
+		}
+		wn := min(n, int64(len(want))-off)
+		if int64(got) != wn || (wn < n) != (err == io.EOF) || (err != nil && err != io.EOF) {
+			rt.Fatalf("read %q %d+%d (size %d): %d, %v", name, off, n, len(want), got, err)
+		}
+		if !bytes.Equal(buf[:got], want[off:off+wn]) {
+			for i := range buf[:got] {
+				if buf[i] != want[off+int64(i)] {
+					rt.Fatalf("read %q %d+%d: first difference at %d: got %#x want %#x", name, off, n, off+int64(i), buf[i], want[off+int64(i)])
+				}
+			}
+		}
+	}
+	steps := rapid.IntRange(1, 60).Draw(rt, "steps")
+	for i := 0; i < steps; i++ {
+		name := rapid.SampledFrom(names).Draw(rt, "name")
+		_, exists := m[name]
+		switch op := rapid.IntRange(0, 9).Draw(rt, "op"); {
+		case !exists || op == 0:
+			_, err := e.Create(name)
+			if exists != errors.Is(err, fs.ErrExist) || (!exists && err != nil) {
+				rt.Fatalf("Create(%q) exists=%v: %v", name, exists, err)
+			}
+			if !exists {
+				m[name] = []byte{}
+			}
+		case op <= 3:
+			off := rapid.Int64Range(0, maxOff).Draw(rt, "off")
+			n := rapid.IntRange(0, 70000).Draw(rt, "len")
+			p := make([]byte, n)
+			seed := rapid.Uint64().Draw(rt, "seed")
+			r := rand.New(rand.NewPCG(seed, 1))
+			for j := range p {
+				p[j] = byte(r.Uint32() | 1)
+			}
+			got, err := get(name).WriteAt(p, off)
+			if got != n || err != nil {
+				rt.Fatalf("WriteAt(%q, %d+%d) = %d, %v", name, off, n, got, err)
+			}
+			m.write(name, p, off)
+		case op <= 5:
+			size := int64(len(m[name]))
+			off := rapid.Int64Range(0, size+5000).Draw(rt, "roff")
+			n := rapid.Int64Range(0, 70000).Draw(rt, "rlen")
+			check(name, off, n)
+		case op == 6:
+			size := rapid.Int64Range(0, maxOff).Draw(rt, "size")
+			if err := get(name).Truncate(size); err != nil {
+				rt.Fatal(err)
+			}
+			b := m[name]
+			if size <= int64(len(b)) {
+				m[name] = b[:size]
+			} else {
+				m[name] = append(b, make([]byte, size-int64(len(b)))...)
+			}
+		case op == 7:
+			off := rapid.Int64Range(0, maxOff).Draw(rt, "poff")
+			n := rapid.Int64Range(0, 100000).Draw(rt, "plen")
+			if err := get(name).PunchHole(off, n); err != nil {
+				rt.Fatal(err)
+			}
+			b := m[name]
+			if off < int64(len(b)) {
+				clear(b[off:min(off+n, int64(len(b)))])
+			}
+		case op == 8:
+			switch rapid.IntRange(0, 3).Draw(rt, "syncop") {
+			case 0:
+				if err := get(name).Sync(); err != nil {
+					rt.Fatal(err)
+				}
+			case 1:
+				if err := e.Sync(); err != nil {
+					rt.Fatal(err)
+				}
+			case 2:
+				if err := e.Remove(name); err != nil {
+					rt.Fatal(err)
+				}
+				delete(m, name)
+			case 3:
+				if err := e.Close(); err != nil {
+					rt.Fatal(err)
+				}
+				e, err = Open(dev, opts)
+				if err != nil {
+					rt.Fatalf("reopen: %v", err)
+				}
+			}
+		case op == 9:
+			size := int64(len(m[name]))
+			check(name, 0, size+10)
+		}
+		checkInvariants(rt, e)
+	}
+	for name, b := range m {
+		check(name, 0, int64(len(b)))
+	}
+	if got := e.Objects(); len(got) != len(m) {
+		rt.Fatalf("Objects() = %v, model has %d", got, len(m))
+	}
+}
+
+func checkInvariants(t interface{ Fatalf(string, ...any) }, e *Engine) {
+	if err := e.space.Check(); err != nil {
+		t.Fatalf("space: %v", err)
+	}
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	for _, o := range e.objects {
+		o.mu.Lock()
+		err := o.tree.Check()
+		o.mu.Unlock()
+		if err != nil {
+			t.Fatalf("object %q tree: %v", o.name, err)
+		}
+	}
+}
+
+// TestHeadlineInterleavedWriters: 8 objects written concurrently in
+// interleaved 4 KiB writes end up with exactly one extent each.
+func TestHeadlineInterleavedWriters(t *testing.T) {
+	perObj := int64(64 << 20)
+	if testing.Short() {
+		perObj = 16 << 20
+	}
+	dev := NewMemDevice(1<<30, 4096)
+	e := mustFormatOpen(t, dev, Options{})
+	defer e.Close()
+	before := e.Stats().Allocations
+	var wg sync.WaitGroup
+	objs := make([]*Object, 8)
+	for i := range objs {
+		o, err := e.Create(fmt.Sprintf("obj%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		objs[i] = o
+	}
+	for i, o := range objs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := bytes.Repeat([]byte{byte(i + 1)}, 4096)
+			for off := int64(0); off < perObj; off += 4096 {
+				if _, err := o.WriteAt(buf, off); err != nil {
+					t.Error(err)
+					return
+				}
+				if off%(1<<20) == 0 {
+					runtime.Gosched()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range objs {
+		xs := o.Extents()
+		if len(xs) != 1 || xs[0].State != Written || xs[0].Length != perObj {
+			t.Errorf("%s: extents %+v, want one written extent of %d", o.Name(), xs, perObj)
+		}
+	}
+	if got := e.Stats().Allocations - before; got != 8 {
+		t.Errorf("allocations grew by %d, want 8", got)
+	}
+	buf := make([]byte, 4096)
+	for i, o := range objs {
+		for _, off := range []int64{0, perObj / 2, perObj - 4096} {
+			o.ReadAt(buf, off)
+			if buf[0] != byte(i+1) || buf[4095] != byte(i+1) {
+				t.Fatalf("%s at %d: %d", o.Name(), off, buf[0])
+			}
+		}
+	}
+}
+
+// TestAppendSyncExtents: 8 goroutines each append 1,000 × 4 KiB with a Sync
+// after every write; allocation windows keep each object in few extents.
+func TestAppendSyncExtents(t *testing.T) {
+	n := 1000
+	if testing.Short() {
+		n = 300
+	}
+	dev := NewMemDevice(256<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 16 << 20})
+	defer e.Close()
+	var wg sync.WaitGroup
+	objs := make([]*Object, 8)
+	for i := range objs {
+		objs[i], _ = e.Create(fmt.Sprintf("a%d", i))
+	}
+	for _, o := range objs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 4096)
+			for k := 0; k < n; k++ {
+				buf[0] = byte(k)
+				if _, err := o.WriteAt(buf, int64(k)*4096); err != nil {
+					t.Error(err)
+					return
+				}
+				if err := o.Sync(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for _, o := range objs {
+		if xs := o.Extents(); len(xs) > 16 {
+			t.Errorf("%s: %d extents, want ≤ 16", o.Name(), len(xs))
+		}
+	}
+}
+
+func rssBytes(t *testing.T) int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Skip("no /proc/self/status")
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb << 10
+		}
+	}
+	t.Skip("no VmRSS")
+	return 0
+}
+
+// TestCacheBound: writing 4 × CacheSize keeps the cache and the process
+// within bounds.
+func TestCacheBound(t *testing.T) {
+	const cacheSize = 32 << 20
+	dev := newTestFileDevice(t, 512<<20)
+	debug.FreeOSMemory()
+	base := rssBytes(t)
+	e := mustFormatOpen(t, dev, Options{CacheSize: cacheSize})
+	defer e.Close()
+	o, _ := e.Create("big")
+	buf := bytes.Repeat([]byte{7}, 256<<10)
+	var peak int64
+	for off := int64(0); off < 4*cacheSize; off += int64(len(buf)) {
+		if _, err := o.WriteAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+		if c := e.Stats().CachedBytes; c > cacheSize {
+			t.Fatalf("CachedBytes %d > CacheSize %d", c, cacheSize)
+		}
+		peak = max(peak, rssBytes(t))
+	}
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	rb := make([]byte, 64<<10)
+	for off := int64(0); off < 4*cacheSize; off += int64(len(rb)) {
+		if _, err := o.ReadAt(rb, off); err != nil || rb[0] != 7 {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+		if c := e.Stats().CachedBytes; c > cacheSize {
+			t.Fatalf("CachedBytes %d > CacheSize %d", c, cacheSize)
+		}
+	}
+	peak = max(peak, rssBytes(t))
+	if grew := peak - base; grew > cacheSize+64<<20 {
+		t.Fatalf("RSS grew by %d MiB, limit %d MiB", grew>>20, (cacheSize+64<<20)>>20)
+	}
+	t.Logf("RSS grew by %d MiB with a %d MiB cache", (peak-base)>>20, cacheSize>>20)
+}
+
+// TestNoSpace fills a small device: ErrNoSpace comes from WriteAt with
+// n = 0, never from Sync, and everything acknowledged survives a reopen.
+func TestNoSpace(t *testing.T) {
+	dev := NewMemDevice(16<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+	acked := model{}
+	chunk := 100 << 10
+	full := false
+	for i := 0; !full; i++ {
+		name := fmt.Sprintf("f%d", i%3)
+		o, err := e.Object(name)
+		if errors.Is(err, fs.ErrNotExist) {
+			o, err = e.Create(name)
+			acked[name] = []byte{}
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := bytes.Repeat([]byte{byte(i + 1)}, chunk)
+		off := int64(len(acked[name]))
+		n, err := o.WriteAt(p, off)
+		if errors.Is(err, ErrNoSpace) {
+			if n != 0 {
+				t.Fatalf("ErrNoSpace with n = %d", n)
+			}
+			full = true
+			break
+		}
+		if err != nil || n != chunk {
+			t.Fatalf("WriteAt = %d, %v", n, err)
+		}
+		acked.write(name, p, off)
+		if i%7 == 0 {
+			if err := e.Sync(); err != nil {
+				t.Fatalf("Sync: %v", err)
+			}
+		}
+	}
+	if err := e.Sync(); err != nil {
+		t.Fatalf("Sync after ENOSPC: %v", err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e, err := Open(dev, Options{CacheSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for name, want := range acked {
+		o, err := e.Object(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(want))
+		if n, err := o.ReadAt(got, 0); n != len(want) || (err != nil && err != io.EOF) || !bytes.Equal(got, want) {
+			t.Fatalf("%s: read %d, %v; equal=%v", name, n, err, bytes.Equal(got, want))
+		}
+	}
+	// Removing an object gives the space back.
+	if err := e.Remove("f0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	o, _ := e.Create("again")
+	if _, err := o.WriteAt(make([]byte, chunk), 0); err != nil {
+		t.Fatalf("write after remove: %v", err)
+	}
+}

@@ -1,0 +1,988 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rawblock/rawblock/cache"
+	"github.com/rawblock/rawblock/extenttree"
+	"github.com/rawblock/rawblock/reserve"
+)
+
+// Object is a named, sparse, resizable byte array stored on the device.
+// Its methods are safe for concurrent use. Handles stay valid until the
+// object is removed; then every call returns fs.ErrNotExist.
+type Object struct {
+	e  *Engine
+	id uint64
+
+	// Lock order: wmu, then wbMu, then mu, then the engine's dirtyMu.
+	wmu  sync.Mutex   // one modifying call (write, truncate, punch, remove) at a time
+	wbMu sync.Mutex   // one writeback at a time; held by truncate/punch/remove so no I/O targets freed blocks
+	mu   sync.RWMutex // everything below; readers hold it shared for the whole read
+	// treeMu serializes tree calls made under a shared mu: the tree's
+	// read-only methods share scratch space and are not safe in parallel.
+	treeMu sync.Mutex
+
+	name       string
+	size       int64
+	tree       *extenttree.Tree
+	dirty      map[int64]*cache.Page // block -> dirty page, pinned until written back
+	wb         map[int64]*cache.Page // block -> page whose write is in flight: never modified
+	removed    bool
+	inDirty    bool // listed in the engine's dirty set
+	dirtySince time.Time
+	lastFlush  time.Time
+	window     reserve.Extent // speculative preallocation after the last extent
+
+	raNext atomic.Int64 // block a sequential reader asks for next
+	raLen  atomic.Int64 // current readahead window, in blocks
+}
+
+const (
+	raMin = 32
+	raMax = maxIOBytes
+)
+
+// Name returns the object's name.
+func (o *Object) Name() string {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	return o.name
+}
+
+// Size returns the object's size in bytes (0 once removed).
+func (o *Object) Size() int64 {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if o.removed {
+		return 0
+	}
+	return o.size
+}
+
+func (o *Object) key(b int64) cache.Key { return cache.Key{Obj: o.id, Block: b} }
+
+func (o *Object) notExist(op string) error {
+	return fmt.Errorf("%s %q: %w", op, o.name, fs.ErrNotExist)
+}
+
+func checkRange(op string, off, n int64) error {
+	if off < 0 || n < 0 {
+		return fmt.Errorf("%w: %s: negative offset %d or length %d", errInvalid, op, off, n)
+	}
+	if off > MaxObjectSize || n > MaxObjectSize-off {
+		return fmt.Errorf("%w: %s: range %d+%d exceeds the maximum object size %d", errInvalid, op, off, n, MaxObjectSize)
+	}
+	return nil
+}
+
+func (o *Object) markDirtyLocked() {
+	if o.dirtySince.IsZero() {
+		o.dirtySince = time.Now()
+	}
+	if !o.inDirty {
+		o.inDirty = true
+		o.e.dirtyMu.Lock()
+		o.e.dirtyObjs[o] = struct{}{}
+		o.e.dirtyMu.Unlock()
+	}
+}
+
+func (o *Object) undirtyLocked() {
+	o.dirtySince = time.Time{}
+	if o.inDirty {
+		o.inDirty = false
+		o.e.dirtyMu.Lock()
+		delete(o.e.dirtyObjs, o)
+		o.e.dirtyMu.Unlock()
+	}
+}
+
+func (o *Object) dirtyAge(now time.Time) time.Duration {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if o.dirtySince.IsZero() {
+		return 0
+	}
+	return now.Sub(o.dirtySince)
+}
+
+// credits are frames and dirty-page budget obtained before taking o.mu, so
+// that nothing waits for memory while holding the object lock.
+type credits struct {
+	e      *Engine
+	pages  []*cache.Page
+	dirty  int
+	closed bool
+}
+
+// grow makes sure at least n frames and n dirty credits are in hand.
+func (c *credits) grow(n int) error {
+	if need := n - c.dirty; need > 0 {
+		if err := c.e.cache.AcquireDirty(bgCtx, need); err != nil {
+			return fmt.Errorf("dirty page budget: %w", err)
+		}
+		c.dirty += need
+	}
+	for len(c.pages) < n {
+		p, err := c.e.cache.Alloc(bgCtx)
+		if err != nil {
+			return fmt.Errorf("page cache: %w", err)
+		}
+		c.pages = append(c.pages, p)
+	}
+	return nil
+}
+
+// take hands out one frame and one dirty credit.
+func (c *credits) take() *cache.Page {
+	p := c.pages[len(c.pages)-1]
+	c.pages = c.pages[:len(c.pages)-1]
+	c.dirty--
+	return p
+}
+
+func (c *credits) release() {
+	for _, p := range c.pages {
+		p.Release()
+	}
+	c.pages = c.pages[:0]
+	if c.dirty > 0 {
+		c.e.cache.ReleaseDirty(c.dirty)
+		c.dirty = 0
+	}
+}
+
+// WriteAt writes p at byte offset off (io.WriterAt). The space the write
+// needs is reserved before a byte is copied: if the device cannot hold it,
+// WriteAt returns 0 and an error wrapping ErrNoSpace, and nothing changed.
+func (o *Object) WriteAt(p []byte, off int64) (int, error) {
+	e := o.e
+	if err := checkRange("write", off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if err := e.enterWrite(); err != nil {
+		return 0, err
+	}
+	defer e.exit()
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	if len(p) == 0 {
+		o.mu.RLock()
+		defer o.mu.RUnlock()
+		if o.removed {
+			return 0, o.notExist("write")
+		}
+		return 0, nil
+	}
+	bs := int64(e.bs)
+	b0, b1 := off>>e.shift, (off+int64(len(p))-1)>>e.shift+1
+
+	// Reserve: holes are the only blocks that need new space. wmu keeps
+	// other modifications out, and writeback only turns delalloc into
+	// unwritten and written, so the count can only shrink until we record.
+	o.mu.RLock()
+	if o.removed {
+		o.mu.RUnlock()
+		return 0, o.notExist("write")
+	}
+	o.treeMu.Lock()
+	holes := o.tree.CountHoles(b0, b1-b0)
+	o.treeMu.Unlock()
+	o.mu.RUnlock()
+	if err := e.reserve(holes); err != nil {
+		return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+	}
+	reserved := holes
+	defer func() {
+		if reserved > 0 {
+			if err := e.space.Unreserve(reserved); err != nil {
+				panic(fmt.Sprintf("rawblock: unreserve %d blocks after write: %v", reserved, err))
+			}
+		}
+	}()
+
+	cr := credits{e: e}
+	defer cr.release()
+	written := 0
+	for cb := b0; cb < b1; {
+		ce := min(cb+writeChunkBlocks, b1)
+		for {
+			o.mu.RLock()
+			need := 0
+			for b := cb; b < ce; b++ {
+				if o.dirty[b] == nil {
+					need++
+				}
+			}
+			o.mu.RUnlock()
+			if err := cr.grow(need); err != nil {
+				return written, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+			}
+			o.mu.Lock()
+			if o.removed {
+				o.mu.Unlock()
+				return written, o.notExist("write")
+			}
+			// Writeback may have taken pages since we counted.
+			need = 0
+			for b := cb; b < ce; b++ {
+				if o.dirty[b] == nil {
+					need++
+				}
+			}
+			if need <= len(cr.pages) {
+				break
+			}
+			o.mu.Unlock()
+		}
+		// o.mu is held.
+		for b := cb; b < ce; b++ {
+			bStart := b * bs
+			from := max(off, bStart) - bStart
+			to := min(off+int64(len(p)), bStart+bs) - bStart
+			src := p[bStart+from-off : bStart+to-off]
+			pg := o.dirty[b]
+			if pg == nil {
+				pg = cr.take()
+				if from != 0 || to != bs {
+					if err := o.fillBaseLocked(b, pg.Data()); err != nil {
+						pg.Release()
+						e.cache.ReleaseDirty(1)
+						o.mu.Unlock()
+						return written, fmt.Errorf("write %q at %d: read-modify-write: %w", o.name, off, err)
+					}
+				}
+				o.dirty[b] = pg
+				e.cache.Remove(o.key(b))
+			}
+			copy(pg.Data()[from:to], src)
+			written += len(src)
+		}
+		n, err := o.tree.MarkDelalloc(cb, ce-cb)
+		if err != nil {
+			o.mu.Unlock()
+			panic(fmt.Sprintf("rawblock: object %q: mark delalloc %d+%d: %v", o.name, cb, ce-cb, err))
+		}
+		if n > reserved {
+			o.mu.Unlock()
+			panic(fmt.Sprintf("rawblock: object %q: write found %d new holes, only %d reserved", o.name, n, reserved))
+		}
+		reserved -= n
+		if end := min(off+int64(len(p)), ce*bs); end > o.size {
+			o.size = end
+			e.metaDirty.Store(true)
+		}
+		o.markDirtyLocked()
+		o.mu.Unlock()
+		cb = ce
+	}
+	return written, nil
+}
+
+// fillBaseLocked puts block b's current contents into buf, for a write that
+// covers only part of it.
+func (o *Object) fillBaseLocked(b int64, buf []byte) error {
+	if pg := o.wb[b]; pg != nil {
+		copy(buf, pg.Data())
+		return nil
+	}
+	if pg := o.e.cache.Lookup(o.key(b)); pg != nil {
+		copy(buf, pg.Data())
+		pg.Release()
+		return nil
+	}
+	var arr [1]extenttree.Segment
+	seg := o.tree.Lookup(arr[:0], b, 1)[0]
+	if seg.State == extenttree.Written {
+		return o.e.readDev(buf, (seg.Phys+b-seg.Start)<<o.e.shift)
+	}
+	clear(buf)
+	return nil
+}
+
+// ReadAt reads len(p) bytes at off (io.ReaderAt): fewer only at the end of
+// the object, with io.EOF.
+func (o *Object) ReadAt(p []byte, off int64) (int, error) {
+	e := o.e
+	if err := checkRange("read", off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if err := e.enter(); err != nil {
+		return 0, err
+	}
+	defer e.exit()
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if o.removed {
+		return 0, o.notExist("read")
+	}
+	if off >= o.size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	want := min(int64(len(p)), o.size-off)
+	if want == 0 {
+		return 0, nil
+	}
+	bs := int64(e.bs)
+	b0, b1 := off>>e.shift, (off+want-1)>>e.shift+1
+	sizeBlocks := (o.size + bs - 1) >> e.shift
+
+	// Readahead: a reader continuing where the last one stopped gets the
+	// next window read in the same I/O as its miss.
+	ra := int64(0)
+	if o.raNext.Load() == b0 && b0 != 0 {
+		ra = min(max(o.raLen.Load()*2, raMin), raMax>>e.shift)
+		o.raLen.Store(ra)
+	} else {
+		o.raLen.Store(0)
+	}
+	o.raNext.Store(b1)
+	raEnd := min(b1+ra, sizeBlocks)
+
+	var arr [8]extenttree.Segment
+	o.treeMu.Lock()
+	segs := o.tree.Lookup(arr[:0], b0, raEnd-b0)
+	o.treeMu.Unlock()
+	r := readOp{o: o, p: p[:want], off: off}
+	for _, s := range segs {
+		start := max(s.Start, b0)
+		for b := start; b < s.Start+s.Len; b++ {
+			inReq := b < b1
+			if pg := o.pageLocked(b); pg != nil {
+				if !inReq {
+					break
+				}
+				if err := r.flush(); err != nil {
+					return 0, err
+				}
+				r.copyOut(b, pg.Data())
+				continue
+			}
+			if s.State != extenttree.Written {
+				if !inReq {
+					break
+				}
+				if err := r.flush(); err != nil {
+					return 0, err
+				}
+				r.zero(b)
+				continue
+			}
+			if pg := e.cache.Lookup(o.key(b)); pg != nil {
+				if !inReq {
+					pg.Release()
+					break
+				}
+				if err := r.flush(); err != nil {
+					pg.Release()
+					return 0, err
+				}
+				r.copyOut(b, pg.Data())
+				pg.Release()
+				continue
+			}
+			r.miss(b, s.Phys+b-s.Start)
+		}
+		if err := r.flush(); err != nil {
+			return 0, err
+		}
+	}
+	if err := r.flush(); err != nil {
+		return 0, err
+	}
+	if want < int64(len(p)) {
+		return int(want), io.EOF
+	}
+	return int(want), nil
+}
+
+func (o *Object) pageLocked(b int64) *cache.Page {
+	if len(o.dirty) != 0 {
+		if pg := o.dirty[b]; pg != nil {
+			return pg
+		}
+	}
+	if len(o.wb) != 0 {
+		return o.wb[b]
+	}
+	return nil
+}
+
+// readOp gathers a read's consecutive cache misses into one device I/O.
+type readOp struct {
+	o        *Object
+	p        []byte
+	off      int64
+	runStart int64 // first missed block; runLen 0 means no run
+	runPhys  int64
+	runLen   int64
+	flushErr error // a run's read failed; reported by the next flush
+}
+
+// copyOut copies the part of block b that the read covers out of data.
+func (r *readOp) copyOut(b int64, data []byte) {
+	bs := int64(r.o.e.bs)
+	bStart := b * bs
+	from := max(r.off, bStart)
+	to := min(r.off+int64(len(r.p)), bStart+bs)
+	copy(r.p[from-r.off:to-r.off], data[from-bStart:to-bStart])
+}
+
+func (r *readOp) zero(b int64) {
+	bs := int64(r.o.e.bs)
+	bStart := b * bs
+	from := max(r.off, bStart)
+	to := min(r.off+int64(len(r.p)), bStart+bs)
+	clear(r.p[from-r.off : to-r.off])
+}
+
+func (r *readOp) miss(b, phys int64) {
+	maxRun := int64(max(maxIOBytes>>r.o.e.shift, 1))
+	if r.runLen > 0 && b == r.runStart+r.runLen && phys == r.runPhys+r.runLen && r.runLen < maxRun {
+		r.runLen++
+		return
+	}
+	if r.runLen > 0 {
+		// A new run starts; the old one is read first. flush only fails
+		// with an I/O error, which the caller sees at its next flush.
+		r.flushErr = r.flush()
+	}
+	r.runStart, r.runPhys, r.runLen = b, phys, 1
+}
+
+// flush reads the pending run of missed blocks: one block through the
+// cache's shared load, several with one I/O into a bounce buffer whose
+// blocks are then cached.
+func (r *readOp) flush() error {
+	if r.flushErr != nil {
+		return r.flushErr
+	}
+	if r.runLen == 0 {
+		return nil
+	}
+	o, e := r.o, r.o.e
+	start, phys, n := r.runStart, r.runPhys, r.runLen
+	r.runLen = 0
+	bs := int64(e.bs)
+	if n == 1 {
+		pg, err := e.cache.Load(bgCtx, o.key(start), func(pg *cache.Page) error {
+			return e.readDev(pg.Data(), phys*bs)
+		})
+		if err != nil {
+			return fmt.Errorf("read %q: %w", o.name, err)
+		}
+		r.copyOut(start, pg.Data())
+		pg.Release()
+		return nil
+	}
+	bufp := e.bufPool.Get().(*[]byte)
+	defer e.bufPool.Put(bufp)
+	buf := (*bufp)[:n*bs]
+	if err := e.readDev(buf, phys*bs); err != nil {
+		return fmt.Errorf("read %q: %w", o.name, err)
+	}
+	reqEnd := (r.off + int64(len(r.p)) + bs - 1) / bs
+	for i := int64(0); i < n; i++ {
+		b := start + i
+		data := buf[i*bs : (i+1)*bs]
+		if b < reqEnd {
+			r.copyOut(b, data)
+		}
+		if pg := e.cache.TryAlloc(); pg != nil {
+			copy(pg.Data(), data)
+			e.cache.Insert(o.key(b), pg)
+			pg.Release()
+		}
+	}
+	return nil
+}
+
+// Truncate changes the object's size. Shrinking frees the blocks past the
+// new end and zeroes the tail of the last partial block, so a later
+// extension reads zeros there.
+func (o *Object) Truncate(size int64) error {
+	e := o.e
+	if err := checkRange("truncate", size, 0); err != nil {
+		return err
+	}
+	if err := e.enterWrite(); err != nil {
+		return err
+	}
+	defer e.exit()
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	cr := credits{e: e}
+	defer cr.release()
+	if size%int64(e.bs) != 0 {
+		if err := cr.grow(1); err != nil {
+			return fmt.Errorf("truncate %q: %w", o.name, err)
+		}
+	}
+	o.wbMu.Lock()
+	defer o.wbMu.Unlock()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.removed {
+		return o.notExist("truncate")
+	}
+	if size == o.size {
+		return nil
+	}
+	if size < o.size {
+		bs := int64(e.bs)
+		nb := (size + bs - 1) / bs
+		if err := o.truncateBlocksLocked(nb); err != nil {
+			return err
+		}
+		if r := size % bs; r != 0 {
+			if err := o.zeroPartialLocked(nb-1, r, bs, &cr); err != nil {
+				return fmt.Errorf("truncate %q: %w", o.name, err)
+			}
+		}
+		o.releaseWindowLocked()
+	}
+	o.size = size
+	e.metaDirty.Store(true)
+	return nil
+}
+
+// PunchHole makes [off, off+length) read as zeros. Whole blocks inside the
+// range are freed; partial blocks at its edges are zeroed in place. The
+// size does not change.
+func (o *Object) PunchHole(off, length int64) error {
+	e := o.e
+	if err := checkRange("punch", off, length); err != nil {
+		return err
+	}
+	if err := e.enterWrite(); err != nil {
+		return err
+	}
+	defer e.exit()
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	cr := credits{e: e}
+	defer cr.release()
+	if err := cr.grow(2); err != nil {
+		return fmt.Errorf("punch %q: %w", o.name, err)
+	}
+	o.wbMu.Lock()
+	defer o.wbMu.Unlock()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.removed {
+		return o.notExist("punch")
+	}
+	end := min(off+length, o.size)
+	if end <= off {
+		return nil
+	}
+	bs := int64(e.bs)
+	first, last := (off+bs-1)/bs, end/bs // whole blocks [first, last)
+	if first < last {
+		freed, dropped, err := o.tree.Punch(nil, first, last-first)
+		if err != nil {
+			panic(fmt.Sprintf("rawblock: object %q: punch %d+%d: %v", o.name, first, last-first, err))
+		}
+		o.freeLocked(freed, dropped)
+		for b, pg := range o.dirty {
+			if b >= first && b < last {
+				delete(o.dirty, b)
+				pg.Release()
+				e.cache.ReleaseDirty(1)
+			}
+		}
+		e.cache.RemoveRange(o.id, first, last-first)
+	}
+	// Edges: the partial blocks at either end.
+	if off%bs != 0 {
+		b := off / bs
+		to := min(end, (b+1)*bs) - b*bs
+		if err := o.zeroPartialLocked(b, off%bs, to, &cr); err != nil {
+			return fmt.Errorf("punch %q: %w", o.name, err)
+		}
+	}
+	if end%bs != 0 && end/bs != off/bs {
+		b := end / bs
+		if err := o.zeroPartialLocked(b, 0, end%bs, &cr); err != nil {
+			return fmt.Errorf("punch %q: %w", o.name, err)
+		}
+	}
+	return nil
+}
+
+// zeroPartialLocked zeroes bytes [from, to) of block b. A hole is already
+// zero; a written block gets a dirty copy (no new space needed).
+func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
+	if pg := o.dirty[b]; pg != nil {
+		clear(pg.Data()[from:to])
+		return nil
+	}
+	var arr [1]extenttree.Segment
+	seg := o.tree.Lookup(arr[:0], b, 1)[0]
+	if seg.State == extenttree.Hole {
+		return nil
+	}
+	if len(cr.pages) == 0 {
+		return errors.New("internal: no frame for a partial-block zero")
+	}
+	pg := cr.take()
+	if err := o.fillBaseLocked(b, pg.Data()); err != nil {
+		pg.Release()
+		o.e.cache.ReleaseDirty(1)
+		return err
+	}
+	clear(pg.Data()[from:to])
+	o.dirty[b] = pg
+	o.e.cache.Remove(o.key(b))
+	o.markDirtyLocked()
+	return nil
+}
+
+// truncateBlocksLocked drops every block at and past nb: pages, delalloc
+// reservations and extents. Freed extents stay busy until the checkpoint
+// that no longer maps them is durable.
+func (o *Object) truncateBlocksLocked(nb int64) error {
+	freed, dropped, err := o.tree.Truncate(nil, nb)
+	if err != nil {
+		return fmt.Errorf("truncate %q: %w", o.name, err)
+	}
+	o.freeLocked(freed, dropped)
+	o.dropPagesLocked(nb)
+	o.e.cache.RemoveRange(o.id, nb, max(0, (o.size+int64(o.e.bs)-1)>>o.e.shift-nb))
+	return nil
+}
+
+func (o *Object) freeLocked(freed []extenttree.PhysExtent, dropped int64) {
+	e := o.e
+	if dropped > 0 {
+		if err := e.space.Unreserve(dropped); err != nil {
+			panic(fmt.Sprintf("rawblock: object %q: give back %d delalloc blocks: %v", o.name, dropped, err))
+		}
+	}
+	seq := e.freeSeq.Load()
+	for _, x := range freed {
+		if err := e.space.Free(reserve.Extent{Start: x.Start, Len: x.Len}, seq); err != nil {
+			panic(fmt.Sprintf("rawblock: object %q: free %v: %v", o.name, x, err))
+		}
+	}
+	if len(freed) > 0 {
+		e.metaDirty.Store(true)
+	}
+}
+
+// dropPagesLocked releases dirty pages at and past block nb. No writeback
+// is in flight: callers hold wbMu or the engine is closing.
+func (o *Object) dropPagesLocked(nb int64) {
+	n := 0
+	for b, pg := range o.dirty {
+		if b >= nb {
+			delete(o.dirty, b)
+			pg.Release()
+			n++
+		}
+	}
+	if n > 0 {
+		o.e.cache.ReleaseDirty(n)
+	}
+	if len(o.dirty) == 0 {
+		o.undirtyLocked()
+	}
+}
+
+func (o *Object) releaseWindowLocked() {
+	if o.window.Len > 0 {
+		if err := o.e.space.Unhold(o.window); err != nil {
+			panic(fmt.Sprintf("rawblock: object %q: give back window %v: %v", o.name, o.window, err))
+		}
+		o.window = reserve.Extent{}
+	}
+}
+
+// Sync makes the object's acknowledged writes, its size and its existence
+// durable. A writeback error is returned, and the pages stay dirty so a
+// later Sync can succeed.
+func (o *Object) Sync() error {
+	e := o.e
+	if err := e.enter(); err != nil {
+		return err
+	}
+	defer e.exit()
+	o.mu.RLock()
+	removed := o.removed
+	o.mu.RUnlock()
+	if removed {
+		return o.notExist("sync")
+	}
+	if e.readOnly {
+		return nil
+	}
+	if err := o.writeback(); err != nil {
+		return fmt.Errorf("sync %q: %w", o.name, err)
+	}
+	if err := e.commit(false); err != nil {
+		return fmt.Errorf("sync %q: %w", o.name, err)
+	}
+	return nil
+}
+
+// Extents returns the object's map in logical order.
+func (o *Object) Extents() []Extent {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if o.removed {
+		return nil
+	}
+	bs := int64(o.e.bs)
+	var out []Extent
+	o.treeMu.Lock()
+	defer o.treeMu.Unlock()
+	o.tree.All(func(s extenttree.Segment) bool {
+		x := Extent{Offset: s.Start * bs, Length: s.Len * bs, Physical: -1}
+		switch s.State {
+		case extenttree.Delalloc:
+			x.State = Delalloc
+		case extenttree.Unwritten:
+			x.State, x.Physical = Unwritten, s.Phys*bs
+		case extenttree.Written:
+			x.State, x.Physical = Written, s.Phys*bs
+		}
+		out = append(out, x)
+		return true
+	})
+	return out
+}
+
+// wpage is one page of a writeback batch.
+type wpage struct {
+	blk, phys int64
+	pg        *cache.Page
+}
+
+// writeback writes every dirty page of the object: delalloc ranges first
+// get one allocation each, the data goes out in large I/Os, the device is
+// flushed, and only then are the ranges marked written and the pages clean.
+func (o *Object) writeback() error {
+	e := o.e
+	o.wbMu.Lock()
+	defer o.wbMu.Unlock()
+	o.mu.Lock()
+	if o.removed || len(o.dirty) == 0 {
+		o.undirtyLocked()
+		o.mu.Unlock()
+		return nil
+	}
+	err := o.allocLocked()
+	if errors.Is(err, ErrNoSpace) {
+		// Free space may be held by windows or busy until a checkpoint.
+		o.mu.Unlock()
+		e.releaseAllWindows()
+		if cerr := e.commit(true); cerr != nil {
+			return cerr
+		}
+		o.mu.Lock()
+		err = o.allocLocked()
+	}
+	if err != nil {
+		o.mu.Unlock()
+		return err
+	}
+	blocks := make([]int64, 0, len(o.dirty))
+	for b := range o.dirty {
+		blocks = append(blocks, b)
+	}
+	slices.Sort(blocks)
+	pages := make([]wpage, 0, len(blocks))
+	var unwritten []extenttree.Range
+	var segs []extenttree.Segment
+	for i := 0; i < len(blocks); {
+		j := i + 1
+		for j < len(blocks) && blocks[j] == blocks[j-1]+1 {
+			j++
+		}
+		segs = o.tree.Lookup(segs[:0], blocks[i], int64(j-i))
+		for _, s := range segs {
+			if s.State != extenttree.Unwritten && s.State != extenttree.Written {
+				o.mu.Unlock()
+				panic(fmt.Sprintf("rawblock: object %q: dirty blocks %d+%d are %v after allocation", o.name, s.Start, s.Len, s.State))
+			}
+			if s.State == extenttree.Unwritten {
+				unwritten = append(unwritten, extenttree.Range{Start: s.Start, Len: s.Len})
+			}
+			for b := s.Start; b < s.Start+s.Len; b++ {
+				pg := o.dirty[b]
+				delete(o.dirty, b)
+				o.wb[b] = pg
+				pages = append(pages, wpage{blk: b, phys: s.Phys + b - s.Start, pg: pg})
+			}
+		}
+		i = j
+	}
+	o.undirtyLocked()
+	o.lastFlush = time.Now()
+	o.mu.Unlock()
+
+	err = e.writePages(pages)
+	if err == nil && len(unwritten) > 0 {
+		// Metadata may point at the new blocks only once their data is durable.
+		err = e.flushDevice()
+	}
+
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	release := 0
+	for _, w := range pages {
+		delete(o.wb, w.blk)
+		newer := o.dirty[w.blk] != nil
+		if err != nil {
+			// Keep the data dirty so a later Sync can write it again.
+			if !newer {
+				o.dirty[w.blk] = w.pg
+				continue
+			}
+		} else if !newer {
+			e.cache.Insert(o.key(w.blk), w.pg)
+		}
+		w.pg.Release()
+		release++
+	}
+	if release > 0 {
+		e.cache.ReleaseDirty(release)
+	}
+	if err != nil {
+		o.markDirtyLocked()
+		return fmt.Errorf("writeback %q: %w", o.name, err)
+	}
+	for _, r := range unwritten {
+		if serr := o.tree.SetWritten(r.Start, r.Len); serr != nil {
+			panic(fmt.Sprintf("rawblock: object %q: mark written %d+%d: %v", o.name, r.Start, r.Len, serr))
+		}
+	}
+	if len(unwritten) > 0 {
+		e.metaDirty.Store(true)
+	}
+	if len(o.dirty) > 0 {
+		o.markDirtyLocked()
+	}
+	return nil
+}
+
+// allocLocked turns every delalloc range into unwritten extents: one
+// allocation per range unless free space is fragmented.
+func (o *Object) allocLocked() error {
+	e := o.e
+	ranges := o.tree.DelallocRanges(nil, 0, -1)
+	bs := int64(e.bs)
+	eof := (o.size + bs - 1) / bs
+	for _, r := range ranges {
+		start, n := r.Start, r.Len
+		for n > 0 {
+			goal, cont := o.goalLocked(start, n)
+			var got []reserve.Extent
+			if o.window.Len > 0 && o.window.Start == goal {
+				take := min(n, o.window.Len)
+				x := reserve.Extent{Start: goal, Len: take}
+				if err := e.space.ClaimHeld(x); err != nil {
+					panic(fmt.Sprintf("rawblock: object %q: claim window %v: %v", o.name, x, err))
+				}
+				o.window = reserve.Extent{Start: goal + take, Len: o.window.Len - take}
+				got = []reserve.Extent{x}
+			} else {
+				xs, err := e.space.Alloc(n, goal)
+				if err != nil {
+					if errors.Is(err, reserve.ErrNoSpace) {
+						return fmt.Errorf("%w: writeback of %q: %v", ErrNoSpace, o.name, err)
+					}
+					return fmt.Errorf("writeback of %q: %w", o.name, err)
+				}
+				got = xs
+			}
+			prevEnd := int64(-1)
+			if cont {
+				prevEnd = goal
+			}
+			for _, x := range got {
+				if x.Start != prevEnd {
+					e.allocations.Add(1)
+				}
+				prevEnd = x.End()
+				if err := o.tree.SetUnwritten(start, x.Len, x.Start); err != nil {
+					panic(fmt.Sprintf("rawblock: object %q: set unwritten %d+%d@%d: %v", o.name, start, x.Len, x.Start, err))
+				}
+				start += x.Len
+				n -= x.Len
+			}
+			if start >= eof && o.window.Len == 0 {
+				o.openWindowLocked(prevEnd)
+			}
+		}
+	}
+	return nil
+}
+
+// goalLocked picks where the allocation for logical block start should go:
+// right after the physical block mapping start-1 (cont), else after the
+// object's last extent, else a fresh place for a new stream.
+func (o *Object) goalLocked(start, n int64) (goal int64, cont bool) {
+	if start > 0 {
+		var arr [1]extenttree.Segment
+		s := o.tree.Lookup(arr[:0], start-1, 1)[0]
+		if s.State == extenttree.Unwritten || s.State == extenttree.Written {
+			return s.Phys + start - 1 - s.Start + 1, true
+		}
+	}
+	if last, ok := o.tree.Last(); ok && last.Phys >= 0 {
+		return last.Phys + last.Len, false
+	}
+	return o.e.freshGoal(n), false
+}
+
+// freshGoal places the first extent of an object. Large first flushes are
+// streams that will keep growing: they start at the beginning of the
+// largest free extent if nothing precedes it, else at its middle, so that
+// concurrent streams leave each other room to grow contiguously. Small ones
+// pack at the front.
+func (e *Engine) freshGoal(n int64) int64 {
+	if n < 256 {
+		return e.sb.DataStart
+	}
+	var best reserve.Extent
+	e.space.FreeExtents(func(x reserve.Extent) bool {
+		if x.Len > best.Len {
+			best = x
+		}
+		return true
+	})
+	if best.Len == 0 || best.Start == e.sb.DataStart {
+		return best.Start
+	}
+	return best.Start + best.Len/2
+}
+
+// openWindowLocked holds free space right after physical block end for the
+// object's next appends: twice what it has, at least 1 MiB, at most 1 GiB
+// and at most 1/16 of free space.
+func (o *Object) openWindowLocked(end int64) {
+	if end < 0 {
+		return
+	}
+	e := o.e
+	_, mapped := o.tree.Count(extenttree.Written)
+	_, unw := o.tree.Count(extenttree.Unwritten)
+	want := max(2*(mapped+unw), int64(maxIOBytes)>>e.shift)
+	want = min(want, int64(1<<30)>>e.shift, e.space.Stats().Free/16)
+	if want <= 0 {
+		return
+	}
+	o.window = e.space.HoldAt(end, want)
+}

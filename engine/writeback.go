@@ -1,0 +1,58 @@
+package engine
+
+import (
+	"sync"
+)
+
+// writePages writes a writeback batch: pages with consecutive blocks and
+// consecutive physical blocks go out as one I/O of up to maxIOBytes,
+// ioParallel of them in flight.
+func (e *Engine) writePages(pages []wpage) error {
+	maxRun := max(maxIOBytes>>e.shift, 1)
+	type run struct{ i, j int }
+	var runs []run
+	for i := 0; i < len(pages); {
+		j := i + 1
+		for j < len(pages) && j-i < maxRun &&
+			pages[j].blk == pages[j-1].blk+1 && pages[j].phys == pages[j-1].phys+1 {
+			j++
+		}
+		runs = append(runs, run{i, j})
+		i = j
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	sem := make(chan struct{}, ioParallel)
+	bs := e.bs
+	for _, r := range runs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			ps := pages[r.i:r.j]
+			var err error
+			if len(ps) == 1 {
+				// A frame is aligned: write it where it is.
+				err = e.writeDev(ps[0].pg.Data(), ps[0].phys<<e.shift)
+			} else {
+				bufp := e.bufPool.Get().(*[]byte)
+				buf := (*bufp)[:len(ps)*bs]
+				for k, w := range ps {
+					copy(buf[k*bs:], w.pg.Data())
+				}
+				err = e.writeDev(buf, ps[0].phys<<e.shift)
+				e.bufPool.Put(bufp)
+			}
+			if err != nil {
+				mu.Lock()
+				first = cmpErr(first, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return first
+}
