@@ -1,0 +1,218 @@
+package reserve
+
+import (
+	"math/rand/v2"
+	"runtime"
+	"testing"
+	"time"
+)
+
+// cpuTimer runs the benchmark timer and, alongside it, sums the CPU time of
+// the benchmark's OS thread (it locks the goroutine to its thread), which it
+// reports as cpu-ns/op.
+type cpuTimer struct {
+	b            *testing.B
+	start, total time.Duration
+}
+
+func newCPUTimer(b *testing.B) *cpuTimer {
+	runtime.LockOSThread()
+	b.Cleanup(runtime.UnlockOSThread)
+	b.ResetTimer()
+	b.StopTimer()
+	return &cpuTimer{b: b}
+}
+
+func (c *cpuTimer) Start() {
+	c.b.StartTimer()
+	c.start = threadCPU()
+}
+
+func (c *cpuTimer) Stop() {
+	c.total += threadCPU() - c.start
+	c.b.StopTimer()
+}
+
+func (c *cpuTimer) report() {
+	if c.total > 0 {
+		c.b.ReportMetric(float64(c.total.Nanoseconds())/float64(c.b.N), "cpu-ns/op")
+	}
+}
+
+// fragmentedSpace returns a Space with exactly n free extents of 1..64
+// blocks, each followed by one used block, so that both indexes are large
+// and the by-size index has many extents of each length.
+func fragmentedSpace(b *testing.B, n int) *Space {
+	r := rand.New(rand.NewPCG(1, 2))
+	var used []Extent
+	var pos int64
+	for i := 0; i < n; i++ {
+		pos += r.Int64N(64) + 1
+		used = append(used, Extent{Start: pos, Len: 1})
+		pos++
+	}
+	s, err := NewSpace(pos, used)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if st := s.Stats(); st.FreeExtents != n {
+		b.Fatalf("%d free extents, want %d", st.FreeExtents, n)
+	}
+	return s
+}
+
+// allocWorkload is a fixed sequence of (want, goal) pairs: sizes 1..32 and
+// goals anywhere, so allocations hit the goal rule, best fit and the
+// tie-break search.
+func allocWorkload(total int64) (wants, goals []int64) {
+	r := rand.New(rand.NewPCG(3, 4))
+	const k = 4096
+	wants, goals = make([]int64, k), make([]int64, k)
+	for i := range wants {
+		wants[i] = r.Int64N(32) + 1
+		goals[i] = r.Int64N(total)
+	}
+	return wants, goals
+}
+
+// BenchmarkAllocFree100kFreeExtents measures the allocator with 100,000
+// free extents. Cycle is one Alloc, one Free and one Commit, after which the
+// free extents are as before (the freed extent coalesces back). Alloc and
+// Free time each operation on its own: batches of 1024 with the timer
+// running only for that operation (Free's batch ends with the Commit that
+// makes the busy extents allocatable and coalesces them, so its ns/op
+// includes that work).
+func BenchmarkAllocFree100kFreeExtents(b *testing.B) {
+	const extents = 100_000
+	b.Run("Cycle", func(b *testing.B) {
+		s := fragmentedSpace(b, extents)
+		wants, goals := allocWorkload(s.Total())
+		b.ReportAllocs()
+		t := newCPUTimer(b)
+		t.Start()
+		for i := 0; i < b.N; i++ {
+			k := i % len(wants)
+			if err := s.Reserve(wants[k]); err != nil {
+				b.Fatal(err)
+			}
+			got, err := s.Alloc(wants[k], goals[k])
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, e := range got {
+				if err := s.Free(e, uint64(i)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			s.Commit(uint64(i))
+		}
+		t.Stop()
+		t.report()
+		if err := s.Check(); err != nil {
+			b.Fatal(err)
+		}
+	})
+
+	const batch = 1024
+	run := func(b *testing.B, timeAlloc bool) {
+		s := fragmentedSpace(b, extents)
+		wants, goals := allocWorkload(s.Total())
+		got := make([]Extent, 0, batch)
+		var seq uint64
+		b.ReportAllocs()
+		t := newCPUTimer(b)
+		for done := 0; done < b.N; {
+			m := min(batch, b.N-done)
+			var sum int64
+			for j := 0; j < m; j++ {
+				sum += wants[(done+j)%len(wants)]
+			}
+			if err := s.Reserve(sum); err != nil {
+				b.Fatal(err)
+			}
+			got = got[:0]
+			if timeAlloc {
+				t.Start()
+			}
+			for j := 0; j < m; j++ {
+				k := (done + j) % len(wants)
+				es, err := s.Alloc(wants[k], goals[k])
+				if err != nil {
+					b.Fatal(err)
+				}
+				got = append(got, es...)
+			}
+			if timeAlloc {
+				t.Stop()
+			} else {
+				t.Start()
+			}
+			seq++
+			for _, e := range got {
+				if err := s.Free(e, seq); err != nil {
+					b.Fatal(err)
+				}
+			}
+			s.Commit(seq)
+			if !timeAlloc {
+				t.Stop()
+			}
+			done += m
+		}
+		t.report()
+		if err := s.Check(); err != nil {
+			b.Fatal(err)
+		}
+		if st := s.Stats(); st.FreeExtents != extents {
+			b.Fatalf("%d free extents after the run, want %d", st.FreeExtents, extents)
+		}
+	}
+	b.Run("Alloc", func(b *testing.B) { run(b, true) })
+	b.Run("Free", func(b *testing.B) { run(b, false) })
+}
+
+// BenchmarkReserveUnreserveParallel measures the write path's accounting:
+// one Reserve and one Unreserve per op, two goroutines on two Ps hammering
+// the same word.
+func BenchmarkReserveUnreserveParallel(b *testing.B) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	s, err := NewSpace(1<<30, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := s.Reserve(3); err != nil {
+				b.Error(err)
+				return
+			}
+			if err := s.Unreserve(3); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.StopTimer()
+	if c := s.Counts(); c.Reserved != 0 {
+		b.Fatalf("reserved %d after the run", c.Reserved)
+	}
+}
+
+// BenchmarkReserveUnreserve is the uncontended cost, for comparison.
+func BenchmarkReserveUnreserve(b *testing.B) {
+	s, err := NewSpace(1<<30, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		if err := s.Reserve(3); err != nil {
+			b.Fatal(err)
+		}
+		if err := s.Unreserve(3); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
