@@ -31,10 +31,6 @@ func lessSize(a, b Extent) bool {
 
 func lessBusyStart(a, b busyExtent) bool { return a.Start < b.Start }
 
-func lessBusySeq(a, b busyExtent) bool {
-	return a.seq < b.seq || a.seq == b.seq && a.Start < b.Start
-}
-
 // Space is the allocator plus its Accountant. Every block of [0, Total) is in
 // exactly one state:
 //
@@ -74,10 +70,14 @@ type Space struct {
 	bySize     *btree.BTreeG[Extent]
 	freeBlocks int64
 
-	// Busy extents, by start for overlap checks and by (seq, start) so that
-	// Commit pops the ones that became reusable in order.
+	// Busy extents, by start for overlap checks, and in busyQueue[busyHead:]
+	// ordered by sequence so that Commit pops the ones that became reusable
+	// from the front. Frees arrive in sequence order as the journal is
+	// written, so adding one is nearly always an append; an out-of-order
+	// sequence is inserted in place.
 	busyByStart *btree.BTreeG[busyExtent]
-	busyBySeq   *btree.BTreeG[busyExtent]
+	busyQueue   []busyExtent
+	busyHead    int
 	busyBlocks  int64
 
 	// Held windows by start, coalesced like the free extents.
@@ -149,7 +149,6 @@ func NewSpace(total int64, used []Extent) (*Space, error) {
 		byEnd:       btree.NewG(btreeDegree, lessEnd),
 		bySize:      btree.NewG(btreeDegree, lessSize),
 		busyByStart: btree.NewG(btreeDegree, lessBusyStart),
-		busyBySeq:   btree.NewG(btreeDegree, lessBusySeq),
 		held:        btree.NewG(btreeDegree, lessStart),
 	}
 	var pos, usedBlocks int64
@@ -400,9 +399,26 @@ func (s *Space) Free(e Extent, seq uint64) error {
 	}
 	b := busyExtent{Extent: e, seq: seq}
 	s.busyByStart.ReplaceOrInsert(b)
-	s.busyBySeq.ReplaceOrInsert(b)
+	s.enqueueBusy(b)
 	s.busyBlocks += e.Len
 	return nil
+}
+
+// enqueueBusy adds b to the sequence-ordered busy queue, after every extent
+// of the same or a lower sequence.
+func (s *Space) enqueueBusy(b busyExtent) {
+	q := s.busyQueue
+	if n := len(q); n == s.busyHead || q[n-1].seq <= b.seq {
+		s.busyQueue = append(q, b)
+		return
+	}
+	i, _ := slices.BinarySearchFunc(q[s.busyHead:], b.seq, func(x busyExtent, seq uint64) int {
+		if x.seq <= seq {
+			return -1
+		}
+		return 1
+	})
+	s.busyQueue = slices.Insert(q, s.busyHead+i, b)
 }
 
 // checkAllocated returns an error naming e and the first overlapping extent
@@ -432,17 +448,21 @@ func (s *Space) Commit(seq uint64) {
 	if !s.anyCommit || seq > s.committed {
 		s.committed, s.anyCommit = seq, true
 	}
-	for {
-		b, ok := s.busyBySeq.Min()
-		if !ok || b.seq > seq {
-			return
-		}
-		s.busyBySeq.DeleteMin()
+	for s.busyHead < len(s.busyQueue) && s.busyQueue[s.busyHead].seq <= seq {
+		b := s.busyQueue[s.busyHead]
+		s.busyHead++
 		if _, ok := s.busyByStart.Delete(b); !ok {
 			panic(fmt.Sprintf("reserve: commit: busy extent %v (seq %d) missing from the by-start index", b.Extent, b.seq))
 		}
 		s.busyBlocks -= b.Len
 		s.insertFree(b.Extent)
+	}
+	// Reuse the queue's space once the popped front dominates it.
+	if s.busyHead == len(s.busyQueue) {
+		s.busyQueue, s.busyHead = s.busyQueue[:0], 0
+	} else if s.busyHead > 1024 && s.busyHead > len(s.busyQueue)/2 {
+		n := copy(s.busyQueue, s.busyQueue[s.busyHead:])
+		s.busyQueue, s.busyHead = s.busyQueue[:n], 0
 	}
 }
 
@@ -759,8 +779,17 @@ func (s *Space) Check() error {
 		return err
 	}
 
-	if s.busyByStart.Len() != s.busyBySeq.Len() {
-		return fmt.Errorf("reserve: %d busy extents by start, %d by sequence", s.busyByStart.Len(), s.busyBySeq.Len())
+	queue := s.busyQueue[s.busyHead:]
+	if s.busyByStart.Len() != len(queue) {
+		return fmt.Errorf("reserve: %d busy extents by start, %d in the sequence queue", s.busyByStart.Len(), len(queue))
+	}
+	for i, b := range queue {
+		if i > 0 && b.seq < queue[i-1].seq {
+			return fmt.Errorf("reserve: busy queue out of order: %v (seq %d) after %v (seq %d)", b.Extent, b.seq, queue[i-1].Extent, queue[i-1].seq)
+		}
+		if got, ok := s.busyByStart.Get(b); !ok || got != b {
+			return fmt.Errorf("reserve: busy extent %v (seq %d) in the queue but not by start", b.Extent, b.seq)
+		}
 	}
 	sum = 0
 	s.busyByStart.Ascend(func(b busyExtent) bool {
@@ -769,8 +798,6 @@ func (s *Space) Check() error {
 			return fail("busy extent %v: empty or outside [0, %d)", b.Extent, s.total)
 		case s.anyCommit && b.seq <= s.committed:
 			return fail("busy extent %v: sequence %d already committed (%d)", b.Extent, b.seq, s.committed)
-		case !s.busyBySeq.Has(b):
-			return fail("busy extent %v (seq %d) missing from the by-sequence index", b.Extent, b.seq)
 		}
 		sum += b.Len
 		all = append(all, tagged{b.Extent, "busy"})

@@ -411,27 +411,78 @@ func TestWindows(t *testing.T) {
 	}
 }
 
-// Check must notice broken invariants, not just pass.
+// Check must notice broken invariants, not just pass. Each corruption keeps
+// the other invariants intact (the accounting is adjusted to match) so that
+// the check aimed at it is the one that fires.
 func TestCheckDetectsCorruption(t *testing.T) {
-	cases := map[string]func(s *Space){
-		"touching free extents": func(s *Space) { s.addFree(Extent{30, 10}) },
-		"index disagreement":    func(s *Space) { s.bySize.ReplaceOrInsert(Extent{5, 1}) },
-		"missing from by-size":  func(s *Space) { s.bySize.Delete(Extent{40, 60}) },
-		"counter off":           func(s *Space) { s.freeBlocks++ },
-		"busy overlaps free": func(s *Space) {
+	// Free space is [40+60].
+	cases := []struct {
+		name    string
+		corrupt func(s *Space)
+		want    string
+	}{
+		{"touching free extents", func(s *Space) {
+			s.addFree(Extent{30, 10})
+			s.acct.word.Add(10)
+		}, "overlap or touch"},
+		{"size index has another extent", func(s *Space) {
+			s.bySize.Delete(Extent{40, 60})
+			s.bySize.ReplaceOrInsert(Extent{41, 60})
+		}, "missing from the by-size index"},
+		{"index lengths differ", func(s *Space) { s.bySize.ReplaceOrInsert(Extent{5, 1}) }, "1 free extents by block, 2 by size"},
+		{"counter off", func(s *Space) {
+			s.freeBlocks++
+			s.acct.word.Add(1)
+		}, "free extents sum to 60 blocks, counter says 61"},
+		{"accounting off", func(s *Space) { s.acct.word.Add(1) }, "accounting has free 61"},
+		{"busy overlaps free", func(s *Space) {
 			b := busyExtent{Extent{45, 10}, 9}
 			s.busyByStart.ReplaceOrInsert(b)
-			s.busyBySeq.ReplaceOrInsert(b)
+			s.busyQueue = append(s.busyQueue, b)
 			s.busyBlocks += 10
-		},
-		"held overlaps free": func(s *Space) { s.held.ReplaceOrInsert(Extent{90, 20}); s.heldBlocks += 20 },
-		"accounting off":     func(s *Space) { s.acct.word.Add(1) },
+			s.acct.word.Add(10)
+		}, "free extent [40+60] overlaps busy extent [45+10]"},
+		{"busy missing from queue", func(s *Space) {
+			s.busyByStart.ReplaceOrInsert(busyExtent{Extent{0, 1}, 9})
+			s.busyBlocks++
+			s.acct.word.Add(1)
+		}, "1 busy extents by start, 0 in the sequence queue"},
+		{"busy queue out of order", func(s *Space) {
+			for _, b := range []busyExtent{{Extent{0, 1}, 9}, {Extent{1, 1}, 8}} {
+				s.busyByStart.ReplaceOrInsert(b)
+				s.busyQueue = append(s.busyQueue, b)
+				s.busyBlocks++
+				s.acct.word.Add(1)
+			}
+		}, "out of order"},
+		{"busy already committed", func(s *Space) {
+			s.committed, s.anyCommit = 9, true
+			b := busyExtent{Extent{0, 1}, 9}
+			s.busyByStart.ReplaceOrInsert(b)
+			s.busyQueue = append(s.busyQueue, b)
+			s.busyBlocks++
+			s.acct.word.Add(1)
+		}, "already committed"},
+		{"held overlaps free", func(s *Space) {
+			s.held.ReplaceOrInsert(Extent{90, 10})
+			s.heldBlocks += 10
+			s.acct.word.Add(10)
+		}, "free extent [40+60] overlaps held extent [90+10]"},
+		{"held windows touch", func(s *Space) {
+			s.held.ReplaceOrInsert(Extent{0, 2})
+			s.held.ReplaceOrInsert(Extent{2, 2})
+			s.heldBlocks += 4
+			s.acct.word.Add(4)
+		}, "not merged"},
 	}
-	for name, corrupt := range cases {
+	for _, c := range cases {
 		s := newSpace(t, 100, Extent{0, 40})
-		corrupt(s)
-		if err := s.Check(); err == nil {
-			t.Errorf("%s: Check passed", name)
+		c.corrupt(s)
+		err := s.Check()
+		if err == nil {
+			t.Errorf("%s: Check passed", c.name)
+		} else if !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: Check said %q, want it to mention %q", c.name, err, c.want)
 		}
 	}
 }
