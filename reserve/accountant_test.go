@@ -3,11 +3,14 @@ package reserve
 import (
 	"errors"
 	"io/fs"
+	"math/bits"
 	"math/rand/v2"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+
+	"pgregory.net/rapid"
 )
 
 func mustCounts(t *testing.T, a *Accountant, want Counts) {
@@ -264,4 +267,119 @@ func TestAccountantConcurrentInvariant(t *testing.T) {
 	close(stop)
 	checker.Wait()
 	mustCounts(t, a, Counts{Total: total, Free: total})
+}
+
+// The Accountant against plain counters, over totals from 0 to MaxTotal so
+// that every split of the packed word is exercised.
+func TestAccountantAgainstCounters(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		// Pick the bit length of total first (half the time above 32, where
+		// the reserved field is narrower than total), then total with
+		// exactly that length.
+		var bitsTotal int
+		if rapid.Bool().Draw(t, "wide") {
+			bitsTotal = rapid.IntRange(33, 48).Draw(t, "bits")
+		} else {
+			bitsTotal = rapid.IntRange(0, 32).Draw(t, "bits")
+		}
+		var total int64
+		if bitsTotal > 0 {
+			half := int64(1) << (bitsTotal - 1)
+			total = half + rapid.Int64Range(0, half-1).Draw(t, "total")
+		}
+		free := rapid.Int64Range(0, total).Draw(t, "free")
+		a := NewAccountant(total, free)
+		m := Counts{Total: total, Free: free, Allocated: total - free}
+		// The reserved field gets the bits the spendable field leaves.
+		rMax := total
+		if rb := 64 - bits.Len64(uint64(total)); rb < 63 {
+			rMax = min(total, int64(1)<<rb-1)
+		}
+		if a.MaxReserved() != rMax {
+			t.Fatalf("MaxReserved %d, want %d", a.MaxReserved(), rMax)
+		}
+		// Amounts near the interesting bounds: the current counts, the cap,
+		// and small numbers.
+		amount := func(t *rapid.T, near int64) int64 {
+			switch rapid.IntRange(0, 3).Draw(t, "kind") {
+			case 0:
+				return rapid.Int64Range(-1, 3).Draw(t, "small")
+			case 1:
+				return near + rapid.Int64Range(-1, 1).Draw(t, "off")
+			default:
+				return rapid.Int64Range(0, total+1).Draw(t, "any")
+			}
+		}
+		t.Repeat(map[string]func(*rapid.T){
+			"Reserve": func(t *rapid.T) {
+				n := amount(t, min(m.Free, rMax-m.Reserved))
+				err := a.Reserve(n)
+				switch {
+				case n < 0:
+					if !errors.Is(err, ErrInvalid) {
+						t.Fatalf("Reserve(%d) = %v", n, err)
+					}
+				case n <= m.Free && m.Reserved+n <= rMax:
+					if err != nil {
+						t.Fatalf("Reserve(%d) with %+v: %v", n, m, err)
+					}
+					m.Free, m.Reserved = m.Free-n, m.Reserved+n
+				default:
+					if !errors.Is(err, ErrNoSpace) {
+						t.Fatalf("Reserve(%d) with %+v = %v, want ErrNoSpace", n, m, err)
+					}
+				}
+			},
+			"Unreserve": func(t *rapid.T) {
+				n := amount(t, m.Reserved)
+				err := a.Unreserve(n)
+				if n < 0 || n > m.Reserved {
+					if !errors.Is(err, ErrInvalid) {
+						t.Fatalf("Unreserve(%d) with %+v = %v", n, m, err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.Free, m.Reserved = m.Free+n, m.Reserved-n
+			},
+			"Consume": func(t *rapid.T) {
+				n := amount(t, m.Reserved)
+				err := a.Consume(n)
+				if n < 0 || n > m.Reserved {
+					if !errors.Is(err, ErrInvalid) {
+						t.Fatalf("Consume(%d) with %+v = %v", n, m, err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.Reserved, m.Allocated = m.Reserved-n, m.Allocated+n
+			},
+			"Release": func(t *rapid.T) {
+				n := amount(t, m.Allocated)
+				err := a.Release(n)
+				if n < 0 || n > m.Allocated {
+					if !errors.Is(err, ErrInvalid) {
+						t.Fatalf("Release(%d) with %+v = %v", n, m, err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.Allocated, m.Free = m.Allocated-n, m.Free+n
+			},
+			"": func(t *rapid.T) {
+				if got := a.Snapshot(); got != m {
+					t.Fatalf("Snapshot %+v, model %+v", got, m)
+				}
+				if err := a.Check(); err != nil {
+					t.Fatal(err)
+				}
+			},
+		})
+	})
 }
