@@ -46,9 +46,9 @@ const cacheLine = 64
 // sBits is just wide enough for Total (bits.Len64(Total)), which leaves
 // 64-sBits bits for Reserved. Up to Total = 2^32-1 blocks (16 TiB at 4 KiB)
 // Reserved can reach Total and there is no extra limit; above that, the
-// outstanding reservation is capped at MaxReserved (at least 2^16-1 blocks
-// at MaxTotal, 2^31-1 at 2^33 blocks) and a Reserve past the cap fails with
-// ErrNoSpace. Outstanding reservations are bounded by dirty (delalloc) data
+// outstanding reservation is capped at MaxReserved (2^31-1 blocks, 8 TiB at
+// 4 KiB, for totals from 2^32 to 2^33-1; halving with each further bit, down
+// to 2^16-1 at MaxTotal) and a Reserve past the cap fails with ErrNoSpace. Outstanding reservations are bounded by dirty (delalloc) data
 // in memory, and the engine's answer to ErrNoSpace is to convert delalloc at
 // writeback and retry, which releases reservations.
 type Accountant struct {

@@ -7,10 +7,11 @@
 // need. Nothing is allocated at that point; a reservation is a number.
 //
 // The Space adds the allocator writeback uses to turn delalloc ranges into
-// real extents: free space indexed twice, by start and by (length, start),
-// like XFS's free-space B+trees; busy extents that a free has returned but
-// that may not be reused until the metadata recording the free is durable
-// (XFS's busy extents); and held windows for speculative preallocation.
+// real extents: free space indexed twice, by block number and by (length,
+// start), like XFS's free-space B+trees; busy extents that a free has
+// returned but that may not be reused until the metadata recording the free
+// is durable (XFS's busy extents); and held windows for speculative
+// preallocation.
 //
 // All block numbers are absolute device block numbers in engine blocks. The
 // allocator covers [0, total); the engine passes its metadata region as a used
