@@ -80,16 +80,16 @@ type DeviceOptions struct {
 // goes through io_uring (or pread/pwrite, see IOMode). It implements
 // Device; every method is safe for concurrent use.
 type FileDevice struct {
-	path      string
-	f         *os.File
-	fd        int
-	io        *iouring.File
-	size      int64
-	bs        int
-	pbs       int
-	blockDev  bool
-	readOnly  bool
-	closed    atomic.Bool
+	path     string
+	f        *os.File
+	fd       int
+	io       *iouring.File
+	size     int64
+	bs       int
+	pbs      int
+	blockDev bool
+	readOnly bool
+	closed   atomic.Bool
 }
 
 // OpenDevice opens path with O_DIRECT. A block device is opened O_EXCL (a
