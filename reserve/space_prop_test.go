@@ -201,7 +201,7 @@ func longerRuns(t *testing.T, steps int) {
 }
 
 func TestSpaceAgainstBitmapModel(t *testing.T) {
-	longerRuns(t, 300)
+	longerRuns(t, 1000)
 	rapid.Check(t, func(t *rapid.T) {
 		total := rapid.Int64Range(1, 160).Draw(t, "total")
 		m := &model{
