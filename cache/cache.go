@@ -126,36 +126,40 @@ type Options struct {
 
 // Cache is a page cache. All methods are safe for concurrent use.
 type Cache struct {
-	blockSize int
-	stride    int // distance between frames in the arena: max(BlockSize, FrameAlign)
-
-	arena *iouring.Arena
-	pages []Page
+	// Read on every hit, written only by New and Close (and allocWaiters in
+	// the slow path): kept apart from the counters that change all the time.
+	blockSize    int
+	stride       int // distance between frames in the arena: max(BlockSize, FrameAlign)
+	arena        *iouring.Arena
+	pages        []Page
+	policy       *ristretto.Cache[uint64, policyEntry]
+	cleanCap     int64 // the policy's MaxCost: frames clean pages may hold
+	reserve      int   // frames kept for reads in flight
+	kick         func()
+	closed       atomic.Bool
+	allocWaiters atomic.Int32
+	_            [64]byte
 
 	shards [numShards]shard
-	clean  atomic.Int64 // indexed pages
 
-	policy *ristretto.Cache[uint64, policyEntry]
-	// cleanCap is the policy's MaxCost: frames clean pages may hold.
-	cleanCap int64
-	reserve  int
+	clean     atomic.Int64 // indexed pages
+	evictHand atomic.Uint32
+	_         [64]byte
 
 	freeMu sync.Mutex
 	free   []uint32
 	// waitCh is closed (and cleared) when a frame is freed or becomes
 	// evictable while allocWaiters > 0.
-	waitCh       chan struct{}
-	allocWaiters atomic.Int32
-	evictHand    atomic.Uint32
+	waitCh chan struct{}
+	_      [64]byte
 
 	dirty dirtyState
-	kick  func()
+	_     [64]byte
 
 	evictions       atomic.Uint64
 	forcedEvictions atomic.Uint64
 
 	closeMu   sync.Mutex
-	closed    atomic.Bool
 	arenaOpen bool // guarded by closeMu
 }
 

@@ -101,9 +101,12 @@ func mustPanic(t *testing.T, want string, f func()) {
 	f()
 }
 
-func TestPageIsOneCacheLine(t *testing.T) {
+func TestLayout(t *testing.T) {
 	if s := unsafe.Sizeof(Page{}); s != 64 {
 		t.Fatalf("sizeof(Page) = %d, want 64", s)
+	}
+	if s := unsafe.Sizeof(shard{}); s != 128 {
+		t.Fatalf("sizeof(shard) = %d, want 128", s)
 	}
 }
 
