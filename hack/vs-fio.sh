@@ -135,12 +135,15 @@ def bench_metric(doc, metric):
 units = {"iops": "IOPS", "mibps": "MiB/s", "p50": "p50 µs"}
 print("| workload | fio | bench | ratio | target |")
 print("|---|---:|---:|---:|---|")
-rss, modes = [], set()
+rss, modes, detail = [], set(), []
 for w in workloads:
     name, rw, bs, qd, metric = w.split()
-    f = statistics.median(fio_metric(load(f"{tmp}/fio.{name}.{r}.json"), rw, metric) for r in range(1, rounds + 1))
+    fs = [fio_metric(load(f"{tmp}/fio.{name}.{r}.json"), rw, metric) for r in range(1, rounds + 1)]
     docs = [load(f"{tmp}/bench.{name}.{r}.json") for r in range(1, rounds + 1)]
-    b = statistics.median(bench_metric(d, metric) for d in docs)
+    bs_ = [bench_metric(d, metric) for d in docs]
+    f, b = statistics.median(fs), statistics.median(bs_)
+    show = lambda xs: " ".join(f"{x:.0f}" if metric == "iops" else f"{x:.1f}" for x in xs)
+    detail.append(f"{rw} {bs} qd{qd} {units[metric]} per round: fio {show(fs)} | bench {show(bs_)}")
     modes.update(d["io_mode"] for d in docs)
     if qd == "32":
         rss += [d["max_rss_mib"] for d in docs]
@@ -152,6 +155,8 @@ for w in workloads:
     fmt = "{:.1f}" if metric != "iops" else "{:.0f}"
     print(f"| {rw} {bs} qd{qd} ({units[metric]}) | {fmt.format(f)} | {fmt.format(b)} | {ratio:.2f} | {target} {'ok' if ok else 'MISSED'} |")
 print()
+for line in detail:
+    print(line)
 if rss:
     print(f"bench peak RSS at iodepth 32: {max(rss):.1f} MiB (max over rounds)")
 print(f"bench I/O mode: {', '.join(sorted(modes))}")

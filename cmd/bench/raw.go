@@ -216,7 +216,7 @@ func runRaw(ctx context.Context, bd *benchDevice, spec rawSpec) (result, error) 
 	if err != nil {
 		return result{}, err
 	}
-	r.IOReason = bd.dev.IOReason() + "; " + how
+	r.IOReason = "device: " + bd.dev.IOReason() + "; " + how
 	r.fill(m)
 	return r, nil
 }
