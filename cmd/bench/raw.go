@@ -38,7 +38,7 @@ type rawCmd struct {
 	BS      byteSize      `name:"bs" default:"4k" help:"Size of each I/O (4k, 1M ...): a multiple of the device's block size, at most 64M."`
 	IODepth int           `name:"iodepth" default:"32" help:"I/Os in flight per job (1..4096)."`
 	Jobs    int           `default:"1" help:"Parallel jobs, each with its own ring and buffers (1..256)."`
-	Size    byteSize      `help:"Region of the device to use, from offset 0. Default: 1G, or the device size if smaller."`
+	Size    byteSize      `placeholder:"SIZE" help:"Region of the device to use, from offset 0. Default: 1G, or the device size if smaller."`
 	Runtime time.Duration `default:"10s" help:"How long to run."`
 	IO      string        `name:"io" enum:"auto,io_uring,psync" default:"auto" help:"I/O engine: ${enum}. auto follows the device (io_uring unless the kernel refuses it or RAWBLOCK_IO=psync)."`
 	Force   bool          `help:"Write even to a block device that holds a file system or other signature."`
