@@ -703,6 +703,20 @@ func (s *Space) Stats() Stats {
 	return st
 }
 
+// LargestFree returns the longest allocatable free extent, the lowest one
+// among equals, or a zero Extent if nothing is allocatable. It costs two
+// index lookups, not a walk of the free extents.
+func (s *Space) LargestFree() Extent {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.bySize.Max()
+	if !ok {
+		return Extent{}
+	}
+	f, _ := ceil(s.bySize, Extent{Start: -1, Len: m.Len})
+	return f
+}
+
 // FreeExtents calls fn for each allocatable free extent in order of start
 // until fn returns false. It holds the Space's lock: fn must not call back
 // into s.

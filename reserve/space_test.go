@@ -247,6 +247,23 @@ func TestAllocGoalBestFitAndFragmented(t *testing.T) {
 	}
 }
 
+func TestLargestFree(t *testing.T) {
+	s := newSpace(t, 100, Extent{0, 10}, Extent{20, 10}, Extent{40, 50})
+	// Free: [10+10] [30+10] [90+10]: three of the same length.
+	if got := s.LargestFree(); got != (Extent{10, 10}) {
+		t.Fatalf("LargestFree = %v, want the lowest of the longest", got)
+	}
+	alloc(t, s, 10, 10)
+	alloc(t, s, 5, 30)
+	// Free: [35+5] [90+10].
+	if got := s.LargestFree(); got != (Extent{90, 10}) {
+		t.Fatalf("LargestFree = %v, want [90+10]", got)
+	}
+	if got := newSpace(t, 5, Extent{0, 5}).LargestFree(); got != (Extent{}) {
+		t.Fatalf("LargestFree of a full space = %v", got)
+	}
+}
+
 func TestAllocMaxExtent(t *testing.T) {
 	s := newSpace(t, 100, Extent{0, 3})
 	if got := s.MaxExtent(); got != DefaultMaxExtent {
