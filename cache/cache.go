@@ -13,7 +13,12 @@
 // every hit is reported to it; when it evicts or rejects a page, or drops the
 // offer, the page leaves our map if the map still holds that exact insertion
 // (a handle carries the frame and a per-insertion generation). Ristretto can
-// therefore only cost a re-read, never return wrong data.
+// therefore only cost a re-read, never return wrong data. Its capacity is the
+// frames minus the dirty limit minus a reserve for reads in flight, so dirty
+// pages never have to push out clean pages the policy chose to keep. When no
+// frame is free while the index holds more than that capacity, Alloc lets the
+// policy apply its queued admissions (their evictions free frames) before it
+// evicts anything itself.
 //
 // Dirty pages are not indexed: the engine keeps them in each object's dirty set,
 // pinned by its reference. The cache only counts them (AcquireDirty,
@@ -44,10 +49,13 @@
 //     writeback never needs dirty credit, and Kick tells it to start.
 //   - Load followers wait for the leader, which runs the load function without
 //     locks and finishes the call even if the function panics.
+//   - Alloc may wait for ristretto's goroutine to apply queued offers; that
+//     goroutine needs nothing but a shard lock for a moment per callback.
 //
-// Callers must keep their side of this: a goroutine must not wait in Alloc (or
-// Load) while it holds more pages than the read reserve, and must not hold
-// pages it only releases once another Alloc succeeds.
+// Callers must keep their side of this: pages held while waiting in Alloc or
+// Load must be dirty pages covered by AcquireDirty credit, or few: all
+// goroutines together should not hold more uncounted pages than the read
+// reserve (Frames/16, at least 8) while they wait for more.
 package cache
 
 import (
