@@ -924,7 +924,15 @@ func TestScanResistance(t *testing.T) {
 	hot := c.CleanCapacity() / 2
 	load := func(k Key) bool {
 		hit := true
-		p, err := c.Load(ctx, k, func(p *Page) error { hit = false; stamp(p, k, 1); return nil })
+		p, err := c.Load(ctx, k, func(p *Page) error {
+			hit = false
+			stamp(p, k, 1)
+			// A real miss waits for the device. Without any pause, and with
+			// the CPU taken, the policy's goroutine may not run, and
+			// ristretto drops the reads it could not buffer.
+			runtime.Gosched()
+			return nil
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
