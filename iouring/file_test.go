@@ -603,3 +603,59 @@ func TestFileNoAllocs(t *testing.T) {
 		t.Fatalf("%v allocations per ReadAt, want 0", allocs)
 	}
 }
+
+// TestFileControlDuringSpin: a control request (RegisterArena) that the
+// reactor executes while spinning for intake must still wake its caller.
+// A read just before it makes the reactor spin (it has just woken a waiter),
+// and the long idle window makes the control request arrive during the
+// spin every time.
+func TestFileControlDuringSpin(t *testing.T) {
+	needIOURing(t)
+	savedSpin, savedIdle := reactorSpin, reactorIdle
+	reactorSpin, reactorIdle = 20*time.Millisecond, 10*time.Millisecond
+	defer func() { reactorSpin, reactorIdle = savedSpin, savedIdle }()
+	const bs = 4096
+	osf := tempDirect(t, 16*bs)
+	a, err := NewArena(16 * bs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Not closed on failure: Close would wait for the stuck call.
+	f, err := NewFile(int(osf.Fd()), FileOptions{Mode: ModeIOURing})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		buf := directio.AlignedBlock(bs)
+		for i := range 20 {
+			if _, err := f.ReadAt(buf, 0); err != nil {
+				done <- err
+				return
+			}
+			arena := a
+			if i%2 == 1 {
+				arena = nil
+			}
+			if err := f.RegisterArena(arena); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("RegisterArena after a read never returns")
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -46,7 +46,7 @@ import (
 
 // Tuning knobs, measured by the benchmarks in file_bench_test.go.
 var (
-	reactorSpin = 20 * time.Microsecond // reactor: max spin for more intake before sleeping
+	reactorSpin = 0 * time.Microsecond  // reactor: max spin for more intake before sleeping (0: off, see below)
 	reactorIdle = 3 * time.Microsecond  // reactor: stop spinning after this long without new intake
 	kickBelow   = math.MaxInt           // callers wake a sleeping reactor only below this many in flight
 	waiterSpin  = 0                     // waiter: polls of its slot before parking
@@ -251,8 +251,11 @@ func (r *reactor) loop() {
 		if r.stop.Load() && r.inflight == 0 && r.heldHead == len(r.held) {
 			return
 		}
-		r.flushWakes() // results delivered without I/O (refused requests, control)
+		r.flushWakes()
 		r.spin()
+		// Results delivered without I/O (refused requests, control) by
+		// prepHeld, here or while spinning, must not wait for the sleep.
+		r.flushWakes()
 		if r.inflight < kickBelow || r.inflight == 0 {
 			if !r.intake.CompareAndSwap(0, sleepBit) {
 				continue // work arrived: take it into this batch
