@@ -46,10 +46,10 @@ import (
 
 // Tuning knobs, measured by the benchmarks in file_bench_test.go.
 var (
-	reactorSpin = 0 * time.Microsecond  // reactor: max spin for more intake before sleeping (0: off, see below)
-	reactorIdle = 3 * time.Microsecond  // reactor: stop spinning after this long without new intake
-	kickBelow   = math.MaxInt           // callers wake a sleeping reactor only below this many in flight
-	waiterSpin  = 0                     // waiter: polls of its slot before parking
+	reactorSpin = 0 * time.Microsecond // reactor: max spin for more intake before sleeping (0: off, see below)
+	reactorIdle = 3 * time.Microsecond // reactor: stop spinning after this long without new intake
+	kickBelow   = math.MaxInt          // callers wake a sleeping reactor only below this many in flight
+	waiterSpin  = 0                    // waiter: polls of its slot before parking
 )
 
 const (
