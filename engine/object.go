@@ -482,7 +482,9 @@ func (r *readOp) flush() error {
 		if err != nil {
 			return fmt.Errorf("read %q: %w", o.name, err)
 		}
-		r.copyOut(start, pg.Data())
+		if start*bs < r.off+int64(len(r.p)) {
+			r.copyOut(start, pg.Data())
+		}
 		pg.Release()
 		return nil
 	}
@@ -604,17 +606,15 @@ func (o *Object) PunchHole(off, length int64) error {
 		}
 		e.cache.RemoveRange(o.id, first, last-first)
 	}
-	// Edges: the partial blocks at either end.
-	if off%bs != 0 {
-		b := off / bs
-		to := min(end, (b+1)*bs) - b*bs
-		if err := o.zeroPartialLocked(b, off%bs, to, &cr); err != nil {
+	// Edges: the partial blocks at either end (one block may be both).
+	if hb := off / bs; off%bs != 0 || end < (hb+1)*bs {
+		to := min(end, (hb+1)*bs) - hb*bs
+		if err := o.zeroPartialLocked(hb, off%bs, to, &cr); err != nil {
 			return fmt.Errorf("punch %q: %w", o.name, err)
 		}
 	}
 	if end%bs != 0 && end/bs != off/bs {
-		b := end / bs
-		if err := o.zeroPartialLocked(b, 0, end%bs, &cr); err != nil {
+		if err := o.zeroPartialLocked(end/bs, 0, end%bs, &cr); err != nil {
 			return fmt.Errorf("punch %q: %w", o.name, err)
 		}
 	}
@@ -956,13 +956,7 @@ func (e *Engine) freshGoal(n int64) int64 {
 	if n < 256 {
 		return e.sb.DataStart
 	}
-	var best reserve.Extent
-	e.space.FreeExtents(func(x reserve.Extent) bool {
-		if x.Len > best.Len {
-			best = x
-		}
-		return true
-	})
+	best := e.space.LargestFree()
 	if best.Len == 0 || best.Start == e.sb.DataStart {
 		return best.Start
 	}

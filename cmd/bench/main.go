@@ -19,6 +19,7 @@ import (
 type cli struct {
 	Suite suiteCmd `cmd:"" default:"withargs" help:"Run the short default suite on a temporary file (what bench does without arguments)."`
 	Raw   rawCmd   `cmd:"" help:"Benchmark the raw device with O_DIRECT I/O, fio-style (io_uring or pread/pwrite)."`
+	Run   runCmd   `cmd:"" help:"Run a workload through the engine: objects, page cache, delayed allocation."`
 }
 
 // appEnv is what every subcommand's Run receives: where to print, and a
