@@ -46,8 +46,11 @@ type Object struct {
 }
 
 const (
-	raMin = 32
-	raMax = maxIOBytes
+	// keepCleanPages: a writeback batch of at most this many pages leaves
+	// them in the clean cache.
+	keepCleanPages = 256
+	raMin          = 32
+	raMax          = maxIOBytes
 )
 
 // Name returns the object's name.
@@ -840,6 +843,9 @@ func (o *Object) writeback() error {
 
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	// Small batches stay cached for read-after-write; a streaming batch
+	// would only churn the clean cache, so its frames are freed.
+	keep := len(pages) <= keepCleanPages
 	release := 0
 	for _, w := range pages {
 		delete(o.wb, w.blk)
@@ -850,7 +856,7 @@ func (o *Object) writeback() error {
 				o.dirty[w.blk] = w.pg
 				continue
 			}
-		} else if !newer {
+		} else if !newer && keep {
 			e.cache.Insert(o.key(w.blk), w.pg)
 		}
 		w.pg.Release()

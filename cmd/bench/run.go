@@ -35,6 +35,7 @@ type runCmd struct {
 	Force     bool          `help:"Format even a block device that holds a file system or other signature."`
 	JSON      bool          `name:"json" help:"Print one JSON object instead of text."`
 	Quiet     bool          `help:"No progress line."`
+	CPUProf   string        `name:"cpuprofile" type:"path" placeholder:"FILE" help:"Write a Go CPU profile of the run to FILE."`
 }
 
 // engineResult is what one engine workload measured. Its JSON field names
@@ -134,7 +135,14 @@ func (c *runCmd) Run(env *appEnv) error {
 			return errors.Join(err, bd.close())
 		}
 	}
+	stopProfile, err := startCPUProfile(c.CPUProf)
+	if err != nil {
+		return errors.Join(err, bd.close())
+	}
 	r, err := runEngine(env.ctx, bd, spec)
+	if perr := stopProfile(); perr != nil {
+		err = errors.Join(err, perr)
+	}
 	if cerr := bd.close(); cerr != nil {
 		err = errors.Join(err, cerr)
 	}
