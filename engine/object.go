@@ -49,8 +49,11 @@ const (
 	// keepCleanPages: a writeback batch of at most this many pages leaves
 	// them in the clean cache.
 	keepCleanPages = 256
-	raMin          = 32
-	raMax          = maxIOBytes
+	// streamBlocks: a first allocation at least this long is placed as a
+	// stream that will keep growing.
+	streamBlocks = 32
+	raMin        = 32
+	raMax        = maxIOBytes
 )
 
 // Name returns the object's name.
@@ -894,6 +897,12 @@ func (o *Object) allocLocked() error {
 		start, n := r.Start, r.Len
 		for n > 0 {
 			goal, cont := o.goalLocked(start, n)
+			// An extent that starts where the previous one ends extends it:
+			// only one that does not is counted as a new allocation.
+			prevEnd := int64(-1)
+			if cont {
+				prevEnd = goal
+			}
 			var got []reserve.Extent
 			if o.window.Len > 0 && o.window.Start == goal {
 				take := min(n, o.window.Len)
@@ -903,7 +912,14 @@ func (o *Object) allocLocked() error {
 				}
 				o.window = reserve.Extent{Start: goal + take, Len: o.window.Len - take}
 				got = []reserve.Extent{x}
+			} else if h := o.holdContinuation(goal, n, cont, start+n >= eof); h.Len > 0 {
+				got = []reserve.Extent{h}
 			} else {
+				if cont && start+n >= eof {
+					// An append that cannot continue in place: give the
+					// stream a fresh region with room to grow.
+					goal = e.freshGoal(n)
+				}
 				xs, err := e.space.Alloc(n, goal)
 				if err != nil {
 					if errors.Is(err, reserve.ErrNoSpace) {
@@ -912,10 +928,6 @@ func (o *Object) allocLocked() error {
 					return fmt.Errorf("writeback of %q: %w", o.name, err)
 				}
 				got = xs
-			}
-			prevEnd := int64(-1)
-			if cont {
-				prevEnd = goal
 			}
 			for _, x := range got {
 				if x.Start != prevEnd {
@@ -934,6 +946,29 @@ func (o *Object) allocLocked() error {
 		}
 	}
 	return nil
+}
+
+// holdContinuation allocates exactly [goal, goal+n) for an append that
+// continues the object's last extent, if those blocks are free; otherwise
+// it returns an empty extent and allocates nothing.
+func (o *Object) holdContinuation(goal, n int64, cont, appending bool) reserve.Extent {
+	if !cont || !appending {
+		return reserve.Extent{}
+	}
+	e := o.e
+	h := e.space.HoldAt(goal, n)
+	if h.Len < n {
+		if h.Len > 0 {
+			if err := e.space.Unhold(h); err != nil {
+				panic(fmt.Sprintf("rawblock: object %q: give back %v: %v", o.name, h, err))
+			}
+		}
+		return reserve.Extent{}
+	}
+	if err := e.space.ClaimHeld(h); err != nil {
+		panic(fmt.Sprintf("rawblock: object %q: claim %v: %v", o.name, h, err))
+	}
+	return h
 }
 
 // goalLocked picks where the allocation for logical block start should go:
@@ -957,9 +992,9 @@ func (o *Object) goalLocked(start, n int64) (goal int64, cont bool) {
 // streams that will keep growing: they start at the beginning of the
 // largest free extent if nothing precedes it, else at its middle, so that
 // concurrent streams leave each other room to grow contiguously. Small ones
-// pack at the front.
+// (under streamBlocks) pack at the front.
 func (e *Engine) freshGoal(n int64) int64 {
-	if n < 256 {
+	if n < streamBlocks {
 		return e.sb.DataStart
 	}
 	best := e.space.LargestFree()

@@ -227,7 +227,11 @@ func runEngine(ctx context.Context, bd *benchDevice, spec engineSpec) (engineRes
 	after := e.Stats()
 	var exts int
 	for _, o := range objs {
-		exts += len(o.Extents())
+		xs := o.Extents()
+		exts += len(xs)
+		if len(xs) > 1 && os.Getenv("DBG") != "" {
+			fmt.Fprintf(os.Stderr, "%s: %+v\n", o.Name(), xs)
+		}
 	}
 	r.Ops, r.Bytes, r.Seconds = ops.Load(), bytes.Load(), elapsed.Seconds()
 	if r.Seconds > 0 {
