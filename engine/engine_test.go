@@ -649,3 +649,110 @@ func TestNoSpace(t *testing.T) {
 		t.Fatalf("write after remove: %v", err)
 	}
 }
+
+// TestConcurrentOwners: goroutines each own an object and check it against
+// their own model while others read it, Sync runs, and a small cache forces
+// eviction and background writeback.
+func TestConcurrentOwners(t *testing.T) {
+	dev := NewMemDevice(64<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 4 << 20, DirtyLimit: 1 << 20})
+	defer e.Close()
+	const owners = 6
+	iters := 300
+	if testing.Short() {
+		iters = 100
+	}
+	objs := make([]*Object, owners)
+	for i := range objs {
+		objs[i], _ = e.Create(fmt.Sprintf("own%d", i))
+	}
+	stop := make(chan struct{})
+	var bg sync.WaitGroup
+	for r := 0; r < 3; r++ {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			buf := make([]byte, 10000)
+			rng := rand.New(rand.NewPCG(uint64(r), 5))
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				o := objs[rng.IntN(owners)]
+				if _, err := o.ReadAt(buf, rng.Int64N(1<<20)); err != nil && err != io.EOF {
+					t.Error(err)
+					return
+				}
+				if rng.IntN(20) == 0 {
+					if err := e.Sync(); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+		}()
+	}
+	var wg sync.WaitGroup
+	for i, o := range objs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(i), 9))
+			var m []byte
+			for k := 0; k < iters; k++ {
+				switch rng.IntN(10) {
+				case 0:
+					size := rng.Int64N(1 << 20)
+					if err := o.Truncate(size); err != nil {
+						t.Error(err)
+						return
+					}
+					if size <= int64(len(m)) {
+						m = m[:size]
+					} else {
+						m = append(m, make([]byte, size-int64(len(m)))...)
+					}
+				case 1:
+					off, n := rng.Int64N(1<<20), rng.Int64N(50000)
+					if err := o.PunchHole(off, n); err != nil {
+						t.Error(err)
+						return
+					}
+					if off < int64(len(m)) {
+						clear(m[off:min(off+n, int64(len(m)))])
+					}
+				case 2:
+					if err := o.Sync(); err != nil {
+						t.Error(err)
+						return
+					}
+				default:
+					off, n := rng.Int64N(1<<20), 1+rng.IntN(40000)
+					p := make([]byte, n)
+					for j := range p {
+						p[j] = byte(k) | 1
+					}
+					if _, err := o.WriteAt(p, off); err != nil {
+						t.Error(err)
+						return
+					}
+					if end := off + int64(n); end > int64(len(m)) {
+						m = append(m, make([]byte, end-int64(len(m)))...)
+					}
+					copy(m[off:], p)
+				}
+				got := make([]byte, len(m))
+				if n, err := o.ReadAt(got, 0); n != len(m) || (err != nil && err != io.EOF) || !bytes.Equal(got, m) {
+					t.Errorf("%s step %d: read %d, %v, equal %v", o.Name(), k, n, err, bytes.Equal(got, m))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	bg.Wait()
+	checkInvariants(t, e)
+}
