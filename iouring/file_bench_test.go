@@ -51,6 +51,12 @@ func applyTuning() {
 	if v, err := strconv.Atoi(os.Getenv("RAWBLOCK_TUNE_KICKBELOW")); err == nil {
 		kickBelow = v
 	}
+	if v, err := time.ParseDuration(os.Getenv("RAWBLOCK_TUNE_BATCHWAIT")); err == nil {
+		batchWait = v
+	}
+	if v, err := strconv.Atoi(os.Getenv("RAWBLOCK_TUNE_WAITDIV")); err == nil {
+		waitDiv = v
+	}
 	if v, err := strconv.Atoi(os.Getenv("RAWBLOCK_TUNE_WAITERSPIN")); err == nil {
 		waiterSpin = v
 	}
@@ -273,6 +279,70 @@ func BenchmarkRingRandRead4kQD32(b *testing.B) {
 				issued++
 			}
 		})
+	}
+	elapsed, cpu := time.Since(start), cpuTime()-cpu0
+	b.StopTimer()
+	benchReport(b, b.N, elapsed, cpu, nil)
+}
+
+// BenchmarkReactorNopQD32 measures the synchronous path's own cost: 32
+// goroutines each making one NOP request at a time through the reactor
+// (no device involved). Compare with BenchmarkRingNopBatch32.
+func BenchmarkReactorNopQD32(b *testing.B) {
+	needIOURing(b)
+	f, err := NewFile(int(os.Stdin.Fd()), FileOptions{Mode: ModeIOURing})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	r := f.be.(*uringBackend).reactors[0]
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start, cpu0 := time.Now(), cpuTime()
+	for range benchQD {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(b.N) {
+				if res, _ := r.call(opNop, kindSync, nil, 0, nil); res != 0 {
+					b.Errorf("NOP: res %d", res)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed, cpu := time.Since(start), cpuTime()-cpu0
+	b.StopTimer()
+	benchReport(b, b.N, elapsed, cpu, f)
+}
+
+// BenchmarkRingNopBatch32: one goroutine keeping 32 NOPs in flight on a
+// ring, the floor the reactor's cost is measured against.
+func BenchmarkRingNopBatch32(b *testing.B) {
+	needIOURing(b)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	r, err := NewRing(RingOptions{Entries: 2 * benchQD})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	b.ResetTimer()
+	start, cpu0 := time.Now(), cpuTime()
+	issued, completed := 0, 0
+	for completed < b.N {
+		for issued < b.N && issued-completed < benchQD {
+			if err := r.PrepNop(uint64(issued)); err != nil {
+				b.Fatal(err)
+			}
+			issued++
+		}
+		if _, err := r.Submit(1); err != nil {
+			b.Fatal(err)
+		}
+		completed += r.Reap(func(uint64, int32) {})
 	}
 	elapsed, cpu := time.Since(start), cpuTime()-cpu0
 	b.StopTimer()

@@ -53,79 +53,116 @@ func fill(b []byte, block, version uint64) {
 func TestFileConcurrentRandomIO(t *testing.T) {
 	for _, mode := range modes(t) {
 		t.Run(string(mode), func(t *testing.T) {
-			const (
-				bs      = 4096
-				blocks  = 1024
-				workers = 32
-			)
 			total := 10000
 			if testing.Short() {
 				total = 2000
 			}
-			osf := tempDirect(t, blocks*bs)
-			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode, QueueDepth: 32})
-			// Worker w owns blocks b with b%workers == w, so the expected
-			// content of each block is known without locking.
-			version := make([]uint64, blocks)
-			var wg sync.WaitGroup
-			errs := make(chan error, workers)
-			for w := range workers {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					rng := rand.New(rand.NewPCG(uint64(w), 1))
-					buf := directio.AlignedBlock(bs)
-					for i := range total / workers {
-						blk := uint64(rng.IntN(blocks/workers)*workers + w)
-						v := uint64(i + 1)
-						fill(buf, blk, v)
-						if n, err := f.WriteAt(buf, int64(blk)*bs); err != nil || n != bs {
-							errs <- fmt.Errorf("write block %d: %d, %v", blk, n, err)
-							return
-						}
-						version[blk] = v
-					}
-				}()
+			concurrentRandomIO(t, mode, total)
+		})
+	}
+}
+
+// TestFileReactorVariants runs the same check with each of the reactor's
+// optional behaviours switched on.
+func TestFileReactorVariants(t *testing.T) {
+	needIOURing(t)
+	type knobs struct {
+		spin, idle, batch time.Duration
+		kick, wspin, div  int
+	}
+	saved := knobs{reactorSpin, reactorIdle, batchWait, kickBelow, waiterSpin, waitDiv}
+	set := func(k knobs) {
+		reactorSpin, reactorIdle, batchWait, kickBelow, waiterSpin, waitDiv = k.spin, k.idle, k.batch, k.kick, k.wspin, k.div
+	}
+	defer set(saved)
+	for _, v := range []struct {
+		name string
+		k    knobs
+	}{
+		{"reactor-spin", knobs{20 * time.Microsecond, 3 * time.Microsecond, saved.batch, saved.kick, 0, 0}},
+		{"waiter-spin", knobs{0, saved.idle, saved.batch, saved.kick, 8, 0}},
+		{"kick-below-4", knobs{0, saved.idle, saved.batch, 4, 0, 0}},
+		{"batch-wait", knobs{0, saved.idle, 20 * time.Microsecond, saved.kick, 0, 2}},
+		{"batch-wait-no-kick", knobs{0, saved.idle, 50 * time.Microsecond, 4, 0, 2}},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			set(v.k)
+			defer set(saved)
+			concurrentRandomIO(t, ModeIOURing, 2000)
+		})
+	}
+}
+
+// concurrentRandomIO: 32 goroutines make total random 4 KiB writes, then
+// read every block back and check it byte for byte.
+func concurrentRandomIO(t *testing.T, mode Mode, total int) {
+	const (
+		bs      = 4096
+		blocks  = 1024
+		workers = 32
+	)
+	osf := tempDirect(t, blocks*bs)
+	f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode, QueueDepth: 32})
+	// Worker w owns blocks b with b%workers == w, so the expected
+	// content of each block is known without locking.
+	version := make([]uint64, blocks)
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 1))
+			buf := directio.AlignedBlock(bs)
+			for i := range total / workers {
+				blk := uint64(rng.IntN(blocks/workers)*workers + w)
+				v := uint64(i + 1)
+				fill(buf, blk, v)
+				if n, err := f.WriteAt(buf, int64(blk)*bs); err != nil || n != bs {
+					errs <- fmt.Errorf("write block %d: %d, %v", blk, n, err)
+					return
+				}
+				version[blk] = v
 			}
-			wg.Wait()
-			close(errs)
-			for err := range errs {
-				t.Fatal(err)
-			}
-			var bad atomic.Int64
-			for w := range workers {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					got := directio.AlignedBlock(bs)
-					want := make([]byte, bs)
-					for blk := w; blk < blocks; blk += workers {
-						if n, err := f.ReadAt(got, int64(blk)*bs); err != nil || n != bs {
-							t.Errorf("read block %d: %d, %v", blk, n, err)
-							bad.Add(1)
-							return
-						}
-						if version[blk] == 0 {
-							clear(want)
-						} else {
-							fill(want, uint64(blk), version[blk])
-						}
-						if !bytes.Equal(got, want) {
-							t.Errorf("block %d: content differs from version %d", blk, version[blk])
-							bad.Add(1)
-						}
-					}
-				}()
-			}
-			wg.Wait()
-			if bad.Load() == 0 {
-				st := f.Stats()
-				t.Logf("%s; stats %+v", f.Reason(), st)
-				if st.Requests < uint64(total/workers*workers+blocks) {
-					t.Errorf("stats count %d requests, made at least %d", st.Requests, total/workers*workers+blocks)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	var bad atomic.Int64
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got := directio.AlignedBlock(bs)
+			want := make([]byte, bs)
+			for blk := w; blk < blocks; blk += workers {
+				if n, err := f.ReadAt(got, int64(blk)*bs); err != nil || n != bs {
+					t.Errorf("read block %d: %d, %v", blk, n, err)
+					bad.Add(1)
+					return
+				}
+				if version[blk] == 0 {
+					clear(want)
+				} else {
+					fill(want, uint64(blk), version[blk])
+				}
+				if !bytes.Equal(got, want) {
+					t.Errorf("block %d: content differs from version %d", blk, version[blk])
+					bad.Add(1)
 				}
 			}
-		})
+		}()
+	}
+	wg.Wait()
+	if bad.Load() == 0 {
+		st := f.Stats()
+		t.Logf("%s; stats %+v", f.Reason(), st)
+		if want := uint64(total/workers*workers + blocks); st.Requests < want {
+			t.Errorf("stats count %d requests, made at least %d", st.Requests, want)
+		}
 	}
 }
 

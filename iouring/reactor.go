@@ -30,26 +30,40 @@ import (
 // Hand-off and wake-ups, the part that decides the IOPS of the synchronous
 // path:
 //   - intake is a lock-free stack of slot indexes (push = one CAS, take-all
-//     = one Swap), so a burst of callers costs the reactor one atomic;
+//     = one Swap), so a burst of callers costs the reactor one atomic and
+//     enters the ring as one batch;
 //   - the reactor submits everything it took and waits for a completion in
-//     the same io_uring_enter; before sleeping it spins briefly on intake,
-//     so that callers it has just woken, who usually come straight back
-//     with their next request, join this batch instead of waiting for the
-//     next wake-up;
-//   - a reactor that sleeps sets a flag in the intake word; only the first
-//     caller to push after that pays for a wake-up (an eventfd write that
-//     completes a READ the reactor keeps armed on its own ring), and only
-//     when fewer than kickBelow requests are in flight — with more, a
-//     completion is due soon anyway and will pick the new requests up;
-//   - a waiter spins briefly on its slot before parking, and the reactor
-//     signals a waiter only if it actually parked.
+//     the same io_uring_enter;
+//   - a reactor about to sleep sets a flag in the intake word; only the
+//     first caller to push after that pays for a wake-up (an eventfd write
+//     that completes a READ the reactor keeps armed on its own ring);
+//   - a waiter parks only if its result is not there yet (state CAS), and
+//     the reactor signals only waiters that parked;
+//   - wake-ups are batched: the reactor readies only the first waiter of a
+//     reaping round, which readies the rest (see waker). Every goroutine
+//     the reactor readies lands on the run queue of the reactor's own P,
+//     which the reactor is about to occupy in io_uring_enter; one of them
+//     is stolen by another P, and the others follow on that P;
+//   - no allocation per request: slots, their channels and the intake are
+//     reused; only errors allocate.
+//
+// Knobs that measured worse on a 2-CPU machine (a loop device and an
+// O_DIRECT file, 32 goroutines at QD32; see file_bench_test.go) are off by
+// default and kept for machines where they may pay: spinning in the
+// reactor for more intake before sleeping (it burns the CPU the kernel's
+// I/O path needs and delays stealing of the woken goroutines), spinning in
+// waiters before parking, not waking the reactor while many requests are
+// in flight, and batch waits (waitDiv: wait for inflight/waitDiv
+// completions, holding none longer than batchWait, Linux 6.12+).
 
 // Tuning knobs, measured by the benchmarks in file_bench_test.go.
 var (
-	reactorSpin = 0 * time.Microsecond // reactor: max spin for more intake before sleeping (0: off, see below)
-	reactorIdle = 3 * time.Microsecond // reactor: stop spinning after this long without new intake
-	kickBelow   = math.MaxInt          // callers wake a sleeping reactor only below this many in flight
-	waiterSpin  = 0                    // waiter: polls of its slot before parking
+	reactorSpin = time.Duration(0)      // reactor: max spin for more intake before sleeping (0: off)
+	reactorIdle = 3 * time.Microsecond  // reactor: stop spinning after this long without new intake
+	kickBelow   = math.MaxInt           // callers wake a sleeping reactor only below this many in flight
+	waiterSpin  = 0                     // waiter: polls of its slot before parking
+	waitDiv     = 0                     // reactor: wait for inflight/waitDiv completions (0: for one)
+	batchWait   = 20 * time.Microsecond // reactor: longest a batch wait holds a completion
 )
 
 const (
@@ -148,7 +162,8 @@ type reactor struct {
 	arena      *Arena
 	arenaFixed bool
 	complete   func(uint64, int32)
-	woke       int // waiters signalled since the reactor last slept
+	woke       int  // waiters signalled since the reactor last slept
+	minWait    bool // the kernel supports batch waits (SubmitMinWait)
 	wakeHead   *waker
 	wakeTail   *waker
 
@@ -235,6 +250,7 @@ func (r *reactor) run(sq uint32, ready chan<- string) {
 		return
 	}
 	r.ring = ring
+	r.minWait = ring.HasMinWait() && batchWait >= time.Microsecond
 	ready <- fmt.Sprintf("SQ %d, CQ %d, %s", ring.SQEntries(), ring.CQEntries(), ring.Flags())
 	r.loop()
 	r.err = r.shutdown()
@@ -262,7 +278,11 @@ func (r *reactor) loop() {
 			}
 		}
 		r.nsleep.Add(1)
-		r.submit(1)
+		wait := uint32(1)
+		if waitDiv > 0 && r.minWait && r.inflight >= 2*waitDiv {
+			wait = uint32(r.inflight / waitDiv)
+		}
+		r.submit(wait)
 		r.woke = 0
 		r.ring.Reap(r.complete)
 		r.flushWakes()
@@ -304,7 +324,11 @@ func (r *reactor) spin() {
 func (r *reactor) submit(wait uint32) {
 	for {
 		r.nenter.Add(1)
-		_, err := r.ring.enter(wait)
+		var minWait uint32
+		if wait > 1 {
+			minWait = uint32(batchWait.Microseconds())
+		}
+		_, err := r.ring.enter(wait, minWait)
 		if err == nil {
 			return
 		}

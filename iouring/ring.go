@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -393,28 +394,61 @@ func (r *Ring) cqReady() uint32 {
 // retries. Waiting for more completions than requests in flight is refused,
 // since it could never return.
 func (r *Ring) Submit(waitNr uint32) (submitted int, err error) {
+	if err := r.checkWait(waitNr); err != nil {
+		return 0, err
+	}
+	return r.enter(waitNr, 0)
+}
+
+// HasMinWait reports whether the kernel supports SubmitMinWait (Linux 6.12+,
+// IORING_FEAT_MIN_TIMEOUT).
+func (r *Ring) HasMinWait() bool { return r.features&featMinTimeout != 0 }
+
+// SubmitMinWait is Submit with a batch wait: it waits for waitNr
+// completions, but once minWait has passed it returns as soon as at least
+// one is available. It batches completions without holding any of them
+// longer than minWait. Without kernel support (HasMinWait) it returns an
+// error wrapping errors.ErrUnsupported.
+func (r *Ring) SubmitMinWait(waitNr uint32, minWait time.Duration) (submitted int, err error) {
+	if err := r.checkWait(waitNr); err != nil {
+		return 0, err
+	}
+	if !r.HasMinWait() {
+		return 0, fmt.Errorf("iouring: SubmitMinWait needs IORING_FEAT_MIN_TIMEOUT (Linux 6.12): %w", errors.ErrUnsupported)
+	}
+	us := minWait.Microseconds()
+	if us < 1 || us > math.MaxUint32 {
+		return 0, fmt.Errorf("iouring: SubmitMinWait(%v): want 1µs..%dµs: %w", minWait, uint32(math.MaxUint32), syscall.EINVAL)
+	}
+	return r.enter(waitNr, uint32(us))
+}
+
+func (r *Ring) checkWait(waitNr uint32) error {
 	if r.closed {
-		return 0, ErrClosed
+		return ErrClosed
 	}
 	pending := r.tail - atomic.LoadUint32(r.sqHead)
 	if uint64(waitNr) > uint64(r.inflight)+uint64(pending) {
-		return 0, fmt.Errorf("iouring: Submit waiting for %d completions with only %d requests in flight or prepared would never return: %w",
+		return fmt.Errorf("iouring: Submit waiting for %d completions with only %d requests in flight or prepared would never return: %w",
 			waitNr, r.inflight+pending, syscall.EINVAL)
 	}
-	return r.enter(waitNr)
+	return nil
 }
 
 // enter publishes the prepared SQEs and calls io_uring_enter until they are
-// all consumed and waitNr completions are ready.
-func (r *Ring) enter(waitNr uint32) (submitted int, err error) {
+// all consumed and waitNr completions are ready (with minWaitUsec > 0: one
+// completion, once the kernel has waited that long).
+func (r *Ring) enter(waitNr, minWaitUsec uint32) (submitted int, err error) {
 	atomic.StoreUint32(r.sqTail, r.tail)
 	deferred := r.flags&setupDeferTaskrun != 0
 	first := true
+	need := waitNr
+	batch := minWaitUsec > 0 && waitNr > 1 // a batch wait not yet made
 	for {
 		pending := r.tail - atomic.LoadUint32(r.sqHead)
 		var wait uint32
-		if waitNr > 0 && r.cqReady() < waitNr {
-			wait = waitNr
+		if need > 0 && r.cqReady() < need {
+			wait = need
 		}
 		// A DEFER_TASKRUN ring posts completions only inside
 		// io_uring_enter(GETEVENTS), so even Submit(0) enters once.
@@ -425,11 +459,29 @@ func (r *Ring) enter(waitNr uint32) (submitted int, err error) {
 		if wait > 0 || deferred {
 			flags = enterGetEvents
 		}
-		n, errno := sysEnter(r.fd, pending, wait, flags)
+		var n int
+		var errno syscall.Errno
+		batchWait := batch && wait > 0
+		if batchWait {
+			arg := getEventsArg{minWaitUsec: minWaitUsec}
+			n, errno = sysEnterArg(r.fd, pending, wait, flags, &arg)
+		} else {
+			n, errno = sysEnter(r.fd, pending, wait, flags)
+		}
+		if batchWait && (errno == 0 || errno == syscall.ETIME) {
+			// The kernel has waited its minimum: from now on one
+			// completion is enough, waited for without a timer.
+			batch, need = false, 1
+		}
 		switch errno {
 		case 0:
 		case syscall.EINTR:
 			continue
+		case syscall.ETIME:
+			if batchWait {
+				continue
+			}
+			return submitted, fmt.Errorf("iouring: io_uring_enter: %w", errno)
 		case syscall.EBUSY, syscall.EAGAIN:
 			return submitted, fmt.Errorf("%w: io_uring_enter: %w", ErrBusy, errno)
 		case syscall.EEXIST:
@@ -536,7 +588,7 @@ func (r *Ring) Close() error {
 	}
 	r.tail = atomic.LoadUint32(r.sqHead) // drop what was never consumed
 	for r.inflight > 0 {
-		if _, err := r.enter(r.inflight); err != nil {
+		if _, err := r.enter(r.inflight, 0); err != nil {
 			if errors.Is(err, ErrBusy) {
 				r.Reap(func(uint64, int32) {})
 				continue

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/ncw/directio"
 	"golang.org/x/sys/unix"
@@ -277,6 +278,52 @@ func TestRingKernelErrors(t *testing.T) {
 	}
 	if err := r.PrepRead(int(f.Fd()), buf, -1, 3); !errors.Is(err, syscall.EINVAL) {
 		t.Fatalf("negative offset: %v, want EINVAL", err)
+	}
+}
+
+func TestRingSubmitMinWait(t *testing.T) {
+	r := lockedRing(t, 16)
+	if !r.HasMinWait() {
+		if _, err := r.SubmitMinWait(2, time.Millisecond); !errors.Is(err, errors.ErrUnsupported) {
+			t.Fatalf("SubmitMinWait without kernel support: %v", err)
+		}
+		t.Skip("kernel lacks IORING_FEAT_MIN_TIMEOUT")
+	}
+	f := tempDirect(t, 1<<20)
+	if _, err := f.WriteAt(directio.AlignedBlock(64<<10), 0); err != nil {
+		t.Fatal(err)
+	}
+	bufs := make([][]byte, 8)
+	for i := range bufs {
+		bufs[i] = directio.AlignedBlock(4096)
+		if err := r.PrepRead(int(f.Fd()), bufs[i], int64(i)*4096, uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := r.SubmitMinWait(9, time.Millisecond); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("SubmitMinWait for more than in flight: %v", err)
+	}
+	if _, err := r.SubmitMinWait(8, 0); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("SubmitMinWait with zero wait: %v", err)
+	}
+	n, err := r.SubmitMinWait(8, 200*time.Microsecond)
+	if err != nil || n != 8 {
+		t.Fatalf("SubmitMinWait = %d, %v", n, err)
+	}
+	got := 0
+	got += r.Reap(func(ud uint64, res int32) {
+		if res != 4096 {
+			t.Errorf("read %d: res %d", ud, res)
+		}
+	})
+	if got == 0 {
+		t.Fatal("SubmitMinWait returned with no completion")
+	}
+	for got < 8 {
+		if _, err := r.Submit(1); err != nil {
+			t.Fatal(err)
+		}
+		got += r.Reap(func(uint64, int32) {})
 	}
 }
 

@@ -49,10 +49,28 @@ const (
 const (
 	featSingleMmap = 1 << 0
 	featNoDrop     = 1 << 1
+	featMinTimeout = 1 << 15 // min_wait_usec in io_uring_getevents_arg (6.12+)
 )
 
 // io_uring_enter flags.
-const enterGetEvents = 1 << 0
+const (
+	enterGetEvents = 1 << 0
+	enterExtArg    = 1 << 3
+)
+
+// getEventsArg is struct io_uring_getevents_arg, passed with
+// IORING_ENTER_EXT_ARG.
+type getEventsArg struct {
+	sigmask     uint64
+	sigmaskSz   uint32
+	minWaitUsec uint32
+	ts          uint64
+}
+
+var (
+	_ [unsafe.Sizeof(getEventsArg{}) - 24]byte
+	_ [24 - unsafe.Sizeof(getEventsArg{})]byte
+)
 
 // io_uring_register opcodes.
 const (
@@ -149,6 +167,16 @@ func sysSetup(entries uint32, p *params) (int, syscall.Errno) {
 // told so that it can run other goroutines on this P meanwhile.
 func sysEnter(fd int, toSubmit, minComplete, flags uint32) (int, syscall.Errno) {
 	n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(fd), uintptr(toSubmit), uintptr(minComplete), uintptr(flags), 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), 0
+}
+
+// sysEnterArg is io_uring_enter with IORING_ENTER_EXT_ARG.
+func sysEnterArg(fd int, toSubmit, minComplete, flags uint32, arg *getEventsArg) (int, syscall.Errno) {
+	n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(fd), uintptr(toSubmit), uintptr(minComplete),
+		uintptr(flags|enterExtArg), uintptr(unsafe.Pointer(arg)), unsafe.Sizeof(*arg))
 	if errno != 0 {
 		return 0, errno
 	}
