@@ -43,6 +43,61 @@ type Object struct {
 
 	raNext atomic.Int64 // block a sequential reader asks for next
 	raLen  atomic.Int64 // current readahead window, in blocks
+	ra     raBuffer     // the last readahead I/O of a sequential reader
+}
+
+// raBuffer holds the blocks of a sequential reader's last device read.
+// Readahead is kept here rather than offered to the clean cache: one-pass
+// sequential data would only be rejected by (or pollute) its LFU policy.
+type raBuffer struct {
+	mu    sync.Mutex
+	valid atomic.Bool
+	start int64 // first block held
+	n     int64
+	buf   *[]byte // from the engine's buffer pool
+}
+
+// copyBlock hands block b's bytes to fn if the buffer holds it.
+func (r *raBuffer) copyBlock(b int64, shift uint, fn func(data []byte)) bool {
+	if !r.valid.Load() {
+		return false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.buf == nil || b < r.start || b >= r.start+r.n {
+		return false
+	}
+	i := (b - r.start) << shift
+	fn((*r.buf)[i : i+1<<shift])
+	return true
+}
+
+// install makes buf (holding n blocks from start) the readahead buffer and
+// returns the previous one to the pool.
+func (r *raBuffer) install(pool *sync.Pool, buf *[]byte, start, n int64) {
+	r.mu.Lock()
+	old := r.buf
+	r.buf, r.start, r.n = buf, start, n
+	r.valid.Store(true)
+	r.mu.Unlock()
+	if old != nil {
+		pool.Put(old)
+	}
+}
+
+// drop forgets the buffer: the object changed.
+func (r *raBuffer) drop(pool *sync.Pool) {
+	if !r.valid.Load() {
+		return
+	}
+	r.mu.Lock()
+	old := r.buf
+	r.buf, r.n = nil, 0
+	r.valid.Store(false)
+	r.mu.Unlock()
+	if old != nil {
+		pool.Put(old)
+	}
 }
 
 const (
@@ -245,6 +300,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 				}
 			}
 			if need <= len(cr.pages) {
+				o.ra.drop(&e.bufPool)
 				break
 			}
 			o.mu.Unlock()
@@ -360,7 +416,7 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	o.treeMu.Lock()
 	segs := o.tree.Lookup(arr[:0], b0, raEnd-b0)
 	o.treeMu.Unlock()
-	r := readOp{o: o, p: p[:want], off: off}
+	r := readOp{o: o, p: p[:want], off: off, sequential: ra > 0}
 	for _, s := range segs {
 		start := max(s.Start, b0)
 		for b := start; b < s.Start+s.Len; b++ {
@@ -384,6 +440,14 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 				}
 				r.zero(b)
 				continue
+			}
+			if inReq {
+				hit := o.ra.copyBlock(b, e.shift, func(data []byte) { r.copyOut(b, data) })
+				if hit {
+					continue
+				}
+			} else if o.ra.copyBlock(b, e.shift, func([]byte) {}) {
+				break
 			}
 			if pg := e.cache.Lookup(o.key(b)); pg != nil {
 				if !inReq {
@@ -434,6 +498,9 @@ type readOp struct {
 	runPhys  int64
 	runLen   int64
 	flushErr error // a run's read failed; reported by the next flush
+	// sequential: the reader continues its last read, so a multi-block
+	// run goes to the object's readahead buffer instead of the cache.
+	sequential bool
 }
 
 // copyOut copies the part of block b that the read covers out of data.
@@ -495,12 +562,20 @@ func (r *readOp) flush() error {
 		return nil
 	}
 	bufp := e.bufPool.Get().(*[]byte)
-	defer e.bufPool.Put(bufp)
 	buf := (*bufp)[:n*bs]
 	if err := e.readDev(buf, phys*bs); err != nil {
+		e.bufPool.Put(bufp)
 		return fmt.Errorf("read %q: %w", o.name, err)
 	}
 	reqEnd := (r.off + int64(len(r.p)) + bs - 1) / bs
+	if r.sequential {
+		for b := start; b < min(start+n, reqEnd); b++ {
+			r.copyOut(b, buf[(b-start)*bs:(b-start+1)*bs])
+		}
+		o.ra.install(&e.bufPool, bufp, start, n)
+		return nil
+	}
+	defer e.bufPool.Put(bufp)
 	for i := int64(0); i < n; i++ {
 		b := start + i
 		data := buf[i*bs : (i+1)*bs]
@@ -591,6 +666,7 @@ func (o *Object) PunchHole(off, length int64) error {
 	if o.removed {
 		return o.notExist("punch")
 	}
+	o.ra.drop(&e.bufPool)
 	end := min(off+length, o.size)
 	if end <= off {
 		return nil
@@ -659,6 +735,7 @@ func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
 // reservations and extents. Freed extents stay busy until the checkpoint
 // that no longer maps them is durable.
 func (o *Object) truncateBlocksLocked(nb int64) error {
+	o.ra.drop(&o.e.bufPool)
 	freed, dropped, err := o.tree.Truncate(nil, nb)
 	if err != nil {
 		return fmt.Errorf("truncate %q: %w", o.name, err)
