@@ -119,6 +119,9 @@ func (c *Cache) dropIfCurrent(k Key, handle uint64) bool {
 	return true
 }
 
+// policySample: one access in policySample is reported to the policy.
+const policySample = 4
+
 // Lookup returns k's clean page with a reference, or nil.
 func (c *Cache) Lookup(k Key) *Page {
 	if c.closed.Load() {
@@ -130,18 +133,23 @@ func (c *Cache) Lookup(k Key) *Page {
 	hd, ok := s.m[k]
 	if !ok {
 		s.mu.RUnlock()
-		s.misses.Add(1)
 		// Misses count towards the key's frequency too, or a key that is not
 		// admitted once could never build up the frequency to be admitted.
-		c.policy.Get(h)
+		if s.misses.Add(1)%policySample == 0 {
+			c.policy.Get(h)
+		}
 		return nil
 	}
 	p := c.page(hd)
 	p.refs.Add(1)
 	s.mu.RUnlock()
-	s.hits.Add(1)
 	// Only for the policy's frequency sketch; the index already answered.
-	c.policy.Get(h)
+	// The sketch sees a uniform sample of accesses: relative frequencies,
+	// which is all TinyLFU compares, are kept, and the hit path skips
+	// ristretto's own store lookup most of the time.
+	if s.hits.Add(1)%policySample == 0 {
+		c.policy.Get(h)
+	}
 	return p
 }
 
