@@ -156,10 +156,20 @@ func benchReport(b *testing.B, n int, elapsed, cpu time.Duration, f *File) {
 }
 
 // benchFileRandRead runs benchQD goroutines, each doing one synchronous
-// 4 KiB ReadAt at a time at random offsets.
-func benchFileRandRead(b *testing.B, mode Mode) {
+// 4 KiB ReadAt at a time at random offsets; with fixed, into buffers of a
+// registered arena (READ_FIXED).
+func benchFileRandRead(b *testing.B, mode Mode, fixed bool) {
 	fd, size := benchTarget(b)
-	f, err := NewFile(fd, FileOptions{Mode: mode})
+	var arena *Arena
+	if fixed {
+		a, err := NewArena(benchQD * 4096)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer a.Close()
+		arena = a
+	}
+	f, err := NewFile(fd, FileOptions{Mode: mode, Arena: arena})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -175,6 +185,9 @@ func benchFileRandRead(b *testing.B, mode Mode) {
 		go func() {
 			defer wg.Done()
 			buf := directio.AlignedBlock(4096)
+			if arena != nil {
+				buf = arena.Bytes()[g*4096 : (g+1)*4096]
+			}
 			rng := rand.New(rand.NewPCG(uint64(g), 7))
 			for next.Add(1) <= int64(b.N) {
 				if _, err := f.ReadAt(buf, rng.Int64N(blocks)*4096); err != nil {
@@ -193,12 +206,18 @@ func benchFileRandRead(b *testing.B, mode Mode) {
 // BenchmarkFileRandRead4kQD32: 32 goroutines, File.ReadAt, io_uring.
 func BenchmarkFileRandRead4kQD32(b *testing.B) {
 	needIOURing(b)
-	benchFileRandRead(b, ModeIOURing)
+	benchFileRandRead(b, ModeIOURing, false)
+}
+
+// BenchmarkFileRandRead4kQD32Fixed: the same into a registered arena.
+func BenchmarkFileRandRead4kQD32Fixed(b *testing.B) {
+	needIOURing(b)
+	benchFileRandRead(b, ModeIOURing, true)
 }
 
 // BenchmarkFileRandRead4kQD32Psync: the same through pread.
 func BenchmarkFileRandRead4kQD32Psync(b *testing.B) {
-	benchFileRandRead(b, ModePsync)
+	benchFileRandRead(b, ModePsync, false)
 }
 
 // BenchmarkFileBatchRandRead4kQD32: one goroutine issuing File.Do batches
