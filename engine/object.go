@@ -413,9 +413,7 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	raEnd := min(b1+ra, sizeBlocks)
 
 	var arr [8]extenttree.Segment
-	o.treeMu.Lock()
-	segs := o.tree.Lookup(arr[:0], b0, raEnd-b0)
-	o.treeMu.Unlock()
+	segs := o.tree.LookupShared(arr[:0], b0, raEnd-b0)
 	r := readOp{o: o, p: p[:want], off: off, sequential: ra > 0}
 	for _, s := range segs {
 		start := max(s.Start, b0)

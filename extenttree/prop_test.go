@@ -465,3 +465,39 @@ func countHoles(m *model, s, e int64) int64 {
 	}
 	return c
 }
+
+// TestLookupSharedMatchesLookup checks LookupShared against Lookup on
+// random trees and ranges.
+func TestLookupSharedMatchesLookup(t *testing.T) {
+	rapid.Check(t, func(rt *rapid.T) {
+		tr := New()
+		phys := int64(1000)
+		for i := rapid.IntRange(0, 40).Draw(rt, "n"); i > 0; i-- {
+			s := rapid.Int64Range(0, 500).Draw(rt, "s")
+			n := rapid.Int64Range(1, 30).Draw(rt, "len")
+			switch rapid.IntRange(0, 2).Draw(rt, "op") {
+			case 0:
+				tr.MarkDelalloc(s, n)
+			case 1:
+				if tr.CountHoles(s, n) == n {
+					tr.MapWritten(s, n, phys)
+					phys += n + rapid.Int64Range(0, 2).Draw(rt, "gap")
+				}
+			case 2:
+				tr.Punch(nil, s, n)
+			}
+		}
+		s := rapid.Int64Range(0, 600).Draw(rt, "qs")
+		n := rapid.Int64Range(0, 100).Draw(rt, "qn")
+		want := tr.Lookup(nil, s, n)
+		got := tr.LookupShared(nil, s, n)
+		if len(want) != len(got) {
+			rt.Fatalf("LookupShared %v, Lookup %v", got, want)
+		}
+		for i := range want {
+			if want[i] != got[i] {
+				rt.Fatalf("LookupShared %v, Lookup %v", got, want)
+			}
+		}
+	})
+}

@@ -487,6 +487,47 @@ func (t *Tree) Lookup(dst []Segment, start, n int64) []Segment {
 	return dst
 }
 
+// LookupShared is Lookup for callers that only hold the object's lock
+// shared: it touches none of the tree's scratch space, so any number of
+// LookupShared calls may run together, as long as no method that changes
+// the tree runs at the same time.
+func (t *Tree) LookupShared(dst []Segment, start, n int64) []Segment {
+	mustRange("LookupShared", start, n)
+	if n == 0 {
+		return dst
+	}
+	e := start + n
+	pos := start
+	visit := func(x *entry) bool {
+		if x.end() <= start {
+			return true
+		}
+		if x.start >= e {
+			return false
+		}
+		if x.start > pos {
+			dst = append(dst, Segment{Start: pos, Len: x.start - pos, State: Hole, Phys: -1})
+		}
+		c := x.clip(start, e)
+		dst = append(dst, c)
+		pos = c.End()
+		return true
+	}
+	switch l := t.last; {
+	case l == nil || l.end() <= start:
+		// Past every extent: a hole.
+	case l.start <= start:
+		visit(l)
+	default:
+		pivot := entry{start: start} // end() == start: the first entry ending after start follows
+		t.bt.AscendGreaterOrEqual(&pivot, visit)
+	}
+	if pos < e {
+		dst = append(dst, Segment{Start: pos, Len: e - pos, State: Hole, Phys: -1})
+	}
+	return dst
+}
+
 // CountHoles returns how many blocks of [start, start+n) are holes: what a
 // write of that range must reserve before it copies. An invalid range panics.
 func (t *Tree) CountHoles(start, n int64) int64 {
