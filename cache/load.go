@@ -42,6 +42,9 @@ func (s *shard) detachLoad(k Key) {
 // cache lock held, in the goroutine of the first caller. If k is inserted or
 // removed while fn runs, the loaded page is returned to the callers already
 // waiting but not cached, since a write may have made it stale.
+//
+// Load is what a caller does after Lookup missed, so it counts nothing in
+// the hit/miss statistics or the policy's sketch: Lookup already did.
 func (c *Cache) Load(ctx context.Context, k Key, fn func(p *Page) error) (*Page, error) {
 	if fn == nil {
 		return nil, errors.New("cache: Load with a nil load function")
@@ -57,8 +60,6 @@ func (c *Cache) Load(ctx context.Context, k Key, fn func(p *Page) error) (*Page,
 			p := c.page(hd)
 			p.refs.Add(1)
 			s.mu.RUnlock()
-			s.hits.Add(1)
-			c.policy.Get(h)
 			return p, nil
 		}
 		s.mu.RUnlock()
@@ -68,15 +69,11 @@ func (c *Cache) Load(ctx context.Context, k Key, fn func(p *Page) error) (*Page,
 			p := c.page(hd)
 			p.refs.Add(1)
 			s.mu.Unlock()
-			s.hits.Add(1)
-			c.policy.Get(h)
 			return p, nil
 		}
 		if call := s.loads[k]; call != nil {
 			call.waiters++
 			s.mu.Unlock()
-			s.misses.Add(1)
-			c.policy.Get(h)
 			p, retry, err := c.follow(ctx, s, call)
 			if retry {
 				continue
@@ -86,8 +83,6 @@ func (c *Cache) Load(ctx context.Context, k Key, fn func(p *Page) error) (*Page,
 		call := &loadCall{done: make(chan struct{})}
 		s.loads[k] = call
 		s.mu.Unlock()
-		s.misses.Add(1)
-		c.policy.Get(h)
 		return c.lead(ctx, k, h, s, call, fn)
 	}
 }
