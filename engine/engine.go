@@ -39,6 +39,8 @@ const (
 	maxIOBytes = 1 << 20
 	// ioParallel bounds the device I/Os one writeback keeps in flight.
 	ioParallel = 16
+	// bgWriters is how many objects background writeback writes at once.
+	bgWriters = 4
 	// writeChunkBlocks bounds the blocks one WriteAt step dirties under
 	// the object lock, so readers and writeback interleave with big writes.
 	writeChunkBlocks = 256
@@ -116,6 +118,10 @@ type Engine struct {
 	dirtyMu   sync.Mutex
 	dirtyObjs map[*Object]struct{}
 
+	// gate orders writeback against checkpoints: writeback marks extents
+	// written holding it shared; commit holds it exclusively across its
+	// device flush and metadata snapshot.
+	gate      sync.RWMutex
 	syncMu    sync.Mutex // one checkpoint at a time
 	ckptSeq   uint64     // sequence of the newest durable checkpoint
 	ckptSlot  int        // the slot it lives in
@@ -597,10 +603,13 @@ func cmpErr(a, b error) error {
 func (e *Engine) commit(force bool) error {
 	e.syncMu.Lock()
 	defer e.syncMu.Unlock()
+	e.gate.Lock()
 	if err := e.flushDevice(); err != nil {
+		e.gate.Unlock()
 		return err
 	}
 	if !force && !e.metaDirty.Load() {
+		e.gate.Unlock()
 		return nil
 	}
 	// Clear the flag before the snapshot: a change racing with it sets it
@@ -611,6 +620,7 @@ func (e *Engine) commit(force bool) error {
 	// for the next checkpoint.
 	e.freeSeq.Store(seq + 1)
 	c := e.snapshot()
+	e.gate.Unlock()
 	c.Seq = seq
 	data, err := encodeCheckpoint(e.ckptBuf, c, e.bs, e.sb.CkptBlocks)
 	if err != nil {
@@ -729,13 +739,21 @@ func (e *Engine) background() {
 			objs = append(objs, o)
 		}
 		e.dirtyMu.Unlock()
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, bgWriters)
 		for _, o := range objs {
 			if all || o.dirtyAge(now) > dirtyExpire {
-				// An error stays with the object's dirty pages; the next
-				// Sync retries and reports it.
-				_ = o.writeback()
+				wg.Add(1)
+				sem <- struct{}{}
+				go func() {
+					defer func() { <-sem; wg.Done() }()
+					// An error stays with the object's dirty pages; the
+					// next Sync retries and reports it.
+					_ = o.writeback()
+				}()
 			}
 		}
+		wg.Wait()
 		if !all {
 			e.releaseIdleWindows(now)
 		}

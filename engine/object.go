@@ -851,8 +851,9 @@ type wpage struct {
 }
 
 // writeback writes every dirty page of the object: delalloc ranges first
-// get one allocation each, the data goes out in large I/Os, the device is
-// flushed, and only then are the ranges marked written and the pages clean.
+// get one allocation each, the data goes out in large I/Os, and then the
+// ranges are marked written and the pages clean. The device flush that makes
+// them durable is commit's, which precedes any checkpoint that maps them.
 func (o *Object) writeback() error {
 	e := o.e
 	o.wbMu.Lock()
@@ -914,11 +915,12 @@ func (o *Object) writeback() error {
 	o.mu.Unlock()
 
 	err = e.writePages(pages)
-	if err == nil && len(unwritten) > 0 {
-		// Metadata may point at the new blocks only once their data is durable.
-		err = e.flushDevice()
-	}
 
+	// Marking new extents written is fenced against commit: commit flushes
+	// the device and snapshots the metadata under the gate's write lock, so
+	// every extent its checkpoint maps was written before that flush.
+	e.gate.RLock()
+	defer e.gate.RUnlock()
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	// Small batches stay cached for read-after-write; a streaming batch
