@@ -559,6 +559,13 @@ func (r *readOp) flush() error {
 		pg.Release()
 		return nil
 	}
+	if !r.sequential {
+		if v, ok := e.dev.(vectorDevice); ok {
+			if done, err := r.readIntoFrames(v, start, phys, n); done || err != nil {
+				return err
+			}
+		}
+	}
 	bufp := e.bufPool.Get().(*[]byte)
 	buf := (*bufp)[:n*bs]
 	if err := e.readDev(buf, phys*bs); err != nil {
@@ -587,6 +594,41 @@ func (r *readOp) flush() error {
 		}
 	}
 	return nil
+}
+
+// readIntoFrames reads a run of n missed blocks straight into fresh cache
+// frames with one vectored I/O and caches them. It returns done=false, and
+// reads nothing, when not enough frames are free right now.
+func (r *readOp) readIntoFrames(v vectorDevice, start, phys, n int64) (bool, error) {
+	o, e := r.o, r.o.e
+	pages := make([]*cache.Page, 0, n)
+	defer func() {
+		for _, pg := range pages {
+			pg.Release()
+		}
+	}()
+	bufs := make([][]byte, 0, n)
+	for i := int64(0); i < n; i++ {
+		pg := e.cache.TryAlloc()
+		if pg == nil {
+			return false, nil
+		}
+		pages = append(pages, pg)
+		bufs = append(bufs, pg.Data())
+	}
+	if err := e.readvDev(v, bufs, phys<<e.shift); err != nil {
+		return true, fmt.Errorf("read %q: %w", o.name, err)
+	}
+	bs := int64(e.bs)
+	reqEnd := (r.off + int64(len(r.p)) + bs - 1) / bs
+	for i, pg := range pages {
+		b := start + int64(i)
+		if b < reqEnd {
+			r.copyOut(b, pg.Data())
+		}
+		e.cache.Insert(o.key(b), pg)
+	}
+	return true, nil
 }
 
 // Truncate changes the object's size. Shrinking frees the blocks past the

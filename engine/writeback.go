@@ -1,8 +1,45 @@
 package engine
 
 import (
+	"fmt"
 	"sync"
 )
+
+// vectorDevice is implemented by devices that move several buffers in one
+// I/O (preadv/pwritev, IORING_OP_READV/WRITEV). Writeback and reads then
+// use the cache frames where they are, with no bounce copy.
+type vectorDevice interface {
+	WritevAt(bufs [][]byte, off int64) (int, error)
+	ReadvAt(bufs [][]byte, off int64) (int, error)
+}
+
+func (e *Engine) writevDev(v vectorDevice, bufs [][]byte, off int64) error {
+	total := 0
+	for _, b := range bufs {
+		total += len(b)
+	}
+	e.devWrites.Add(1)
+	e.devBytesW.Add(uint64(total))
+	n, err := v.WritevAt(bufs, off)
+	if err == nil && n != total {
+		err = fmt.Errorf("short write: %d of %d bytes at %d", n, total, off)
+	}
+	return err
+}
+
+func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
+	total := 0
+	for _, b := range bufs {
+		total += len(b)
+	}
+	e.devReads.Add(1)
+	e.devBytesR.Add(uint64(total))
+	n, err := v.ReadvAt(bufs, off)
+	if err == nil && n != total {
+		err = fmt.Errorf("short read: %d of %d bytes at %d", n, total, off)
+	}
+	return err
+}
 
 // writePages writes a writeback batch: pages with consecutive blocks and
 // consecutive physical blocks go out as one I/O of up to maxIOBytes,
@@ -37,6 +74,12 @@ func (e *Engine) writePages(pages []wpage) error {
 			if len(ps) == 1 {
 				// A frame is aligned: write it where it is.
 				err = e.writeDev(ps[0].pg.Data(), ps[0].phys<<e.shift)
+			} else if v, ok := e.dev.(vectorDevice); ok {
+				bufs := make([][]byte, len(ps))
+				for k, w := range ps {
+					bufs[k] = w.pg.Data()
+				}
+				err = e.writevDev(v, bufs, ps[0].phys<<e.shift)
 			} else {
 				bufp := e.bufPool.Get().(*[]byte)
 				buf := (*bufp)[:len(ps)*bs]
