@@ -369,6 +369,9 @@ func Open(dev Device, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
+	if err := e.space.Check(); err != nil {
+		return nil, fmt.Errorf("%w: free space derived at open: %w", ErrCorrupt, err)
+	}
 	e.cache, err = cache.New(cache.Options{
 		Size:       opts.CacheSize,
 		BlockSize:  e.bs,
@@ -690,6 +693,14 @@ func (e *Engine) Close() error {
 	var err error
 	if !e.readOnly {
 		err = e.syncAll(true)
+		if err == nil {
+			// Everything was written back: no reservation may remain.
+			if sp := e.space.Stats(); sp.Reserved != 0 {
+				err = fmt.Errorf("rawblock: invariant broken: %d blocks still reserved after the final writeback", sp.Reserved)
+			} else if cerr := e.space.Check(); cerr != nil {
+				err = fmt.Errorf("rawblock: invariant broken at close: %w", cerr)
+			}
+		}
 	}
 	e.mu.Lock()
 	for _, o := range e.objects {

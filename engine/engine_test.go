@@ -760,3 +760,80 @@ func TestConcurrentOwners(t *testing.T) {
 	bg.Wait()
 	checkInvariants(t, e)
 }
+
+func TestReadOnlyOpen(t *testing.T) {
+	dev := NewMemDevice(32<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+	o, _ := e.Create("x")
+	o.WriteAt([]byte("hello"), 0)
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ro, err := Open(dev, Options{CacheSize: 8 << 20, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	o, err = ro.Object("x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if n, err := o.ReadAt(buf, 0); n != 5 || string(buf) != "hello" {
+		t.Fatalf("read %d %v %q", n, err, buf)
+	}
+	if _, err := o.WriteAt(buf, 0); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("write: %v", err)
+	}
+	if _, err := ro.Create("y"); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("create: %v", err)
+	}
+	if err := ro.Remove("x"); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("remove: %v", err)
+	}
+}
+
+// TestCheckpointFallback: a damaged newest checkpoint falls back to the
+// older one; a damaged superblock A falls back to copy B.
+func TestCheckpointFallback(t *testing.T) {
+	dev := NewMemDevice(32<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+	sb := e.sb
+	o, _ := e.Create("x")
+	o.WriteAt([]byte("one"), 0)
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	o.WriteAt([]byte("two"), 0)
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	slot := e.ckptSlot
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Close wrote one more checkpoint into the other slot; damage it.
+	newest := 1 - slot
+	blk := make([]byte, 4096)
+	dev.ReadAt(blk, sb.CkptStart[newest]*4096)
+	blk[100] ^= 0xff
+	dev.WriteAt(blk, sb.CkptStart[newest]*4096)
+	// And superblock A.
+	dev.ReadAt(blk, 0)
+	blk[20] ^= 0xff
+	dev.WriteAt(blk, 0)
+	e, err := Open(dev, Options{CacheSize: 8 << 20})
+	if err != nil {
+		t.Fatalf("open with a damaged checkpoint and superblock A: %v", err)
+	}
+	defer e.Close()
+	o, err = e.Object("x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 3)
+	o.ReadAt(buf, 0)
+	if string(buf) != "two" {
+		t.Fatalf("read %q after fallback, want the synced %q", buf, "two")
+	}
+}
