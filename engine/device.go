@@ -358,12 +358,19 @@ func (d *FileDevice) Flush() error {
 	return nil
 }
 
-// Do validates every op (alignment, range, read-only) and, only if all
-// pass, issues them at once with many in flight; it sets each op's N and
-// Err and returns the first error.
+// Do validates every op (alignment, range, read-only; a vectored op, with
+// Bufs set, under the rules of ReadvAt) and, only if all pass, issues them
+// at once with many in flight; it sets each op's N and Err and returns the
+// first error.
 func (d *FileDevice) Do(ops []iouring.Op) error {
 	for i := range ops {
-		if err := d.check(ops[i].Write, ops[i].Buf, ops[i].Off); err != nil {
+		var err error
+		if ops[i].Bufs != nil {
+			err = d.checkv(ops[i].Write, ops[i].Bufs, ops[i].Off)
+		} else {
+			err = d.check(ops[i].Write, ops[i].Buf, ops[i].Off)
+		}
+		if err != nil {
 			if errors.Is(err, ErrClosed) {
 				return err
 			}

@@ -148,6 +148,7 @@ func TestDeviceSuite(t *testing.T) {
 			t.Run("ConcurrentWriters", func(t *testing.T) { suiteConcurrent(t, dev) })
 			t.Run("Misaligned", func(t *testing.T) { suiteMisaligned(t, dev) })
 			t.Run("OutOfRange", func(t *testing.T) { suiteOutOfRange(t, dev) })
+			t.Run("Vectored", func(t *testing.T) { suiteVectored(t, dev) })
 			if fd, ok := dev.(*FileDevice); ok {
 				t.Run("Batch", func(t *testing.T) { suiteBatch(t, fd) })
 				t.Run("Arena", func(t *testing.T) { suiteArena(t, fd) })
@@ -336,6 +337,128 @@ func suiteBatch(t *testing.T, d *FileDevice) {
 	}
 }
 
+// vecFrames returns n buffers of bs bytes, block-aligned and not adjacent in
+// memory, as cache frames are.
+func vecFrames(n, bs int) [][]byte {
+	mem := aligned(2 * n * bs)
+	out := make([][]byte, n)
+	for i := range out {
+		out[i] = mem[2*i*bs : (2*i+1)*bs : (2*i+1)*bs]
+	}
+	return out
+}
+
+// suiteVectored: ReadvAt/WritevAt round trips of 1..256 scattered blocks,
+// the validation rules (nothing written on refusal), vectored batches.
+func suiteVectored(t *testing.T, dev Device) {
+	vd, ok := dev.(VectoredDevice)
+	if !ok {
+		t.Fatalf("%T does not implement VectoredDevice", dev)
+	}
+	bs := dev.BlockSize()
+	for ci, n := range []int{1, 2, 255, 256} {
+		off := int64(ci*300*bs) % (dev.Size() - int64(n*bs))
+		off -= off % int64(bs)
+		src := vecFrames(n, bs)
+		for i, b := range src {
+			pattern(b, uint64(ci*1000+i))
+		}
+		if got, err := vd.WritevAt(src, off); err != nil || got != n*bs {
+			t.Fatalf("WritevAt %d buffers: %d, %v", n, got, err)
+		}
+		flat := aligned(n * bs)
+		if _, err := dev.ReadAt(flat, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(flat, bytes.Join(src, nil)) {
+			t.Fatalf("WritevAt %d buffers: the device holds other bytes", n)
+		}
+		dst := vecFrames(n, bs)
+		if got, err := vd.ReadvAt(dst, off); err != nil || got != n*bs {
+			t.Fatalf("ReadvAt %d buffers: %d, %v", n, got, err)
+		}
+		if !bytes.Equal(bytes.Join(dst, nil), flat) {
+			t.Fatalf("ReadvAt %d buffers: read other bytes", n)
+		}
+	}
+	if got, err := vd.ReadvAt(nil, 0); got != 0 || err != nil {
+		t.Errorf("ReadvAt(nil) = %d, %v", got, err)
+	}
+
+	// Refusals, each before any I/O: block 0 keeps its marker.
+	marker := aligned(bs)
+	pattern(marker, 777)
+	if _, err := dev.WriteAt(marker, 0); err != nil {
+		t.Fatal(err)
+	}
+	mem := aligned(4 * bs)
+	good := vecFrames(2, bs)
+	type vcase struct {
+		name string
+		bufs [][]byte
+		off  int64
+		want error
+	}
+	cases := []vcase{
+		{"length", [][]byte{good[0], mem[:bs/2]}, 0, ErrMisaligned},
+		{"offset", good, int64(bs / 2), ErrMisaligned},
+		{"past the end", good, dev.Size() - int64(bs), ErrOutOfRange},
+		{"negative", good, -int64(bs), ErrOutOfRange},
+	}
+	if _, ok := dev.(*FileDevice); ok {
+		cases = append(cases, vcase{"address", [][]byte{good[0], mem[bs/2 : bs/2+bs]}, 0, ErrMisaligned})
+	}
+	for _, c := range cases {
+		if _, err := vd.WritevAt(c.bufs, c.off); !errors.Is(err, c.want) {
+			t.Errorf("WritevAt %s: %v, want %v", c.name, err, c.want)
+		}
+		if _, err := vd.ReadvAt(c.bufs, c.off); !errors.Is(err, c.want) {
+			t.Errorf("ReadvAt %s: %v, want %v", c.name, err, c.want)
+		}
+	}
+	got := aligned(bs)
+	if _, err := dev.ReadAt(got, 0); err != nil || !bytes.Equal(got, marker) {
+		t.Fatalf("block 0 changed by refused vectored writes (err %v)", err)
+	}
+
+	fd, ok := dev.(*FileDevice)
+	if !ok {
+		return
+	}
+	// Batches with vectored ops; a bad vectored op refuses the batch.
+	src := vecFrames(8, bs)
+	for i, b := range src {
+		pattern(b, uint64(4000+i))
+	}
+	plain := aligned(bs)
+	pattern(plain, 4100)
+	ops := []iouring.Op{
+		{Write: true, Bufs: src, Off: int64(64 * bs)},
+		{Write: true, Buf: plain, Off: int64(80 * bs)},
+	}
+	if err := fd.Do(ops); err != nil {
+		t.Fatal(err)
+	}
+	dst := vecFrames(9, bs)
+	rops := []iouring.Op{{Bufs: dst[:8], Off: int64(64 * bs)}, {Bufs: dst[8:], Off: int64(80 * bs)}}
+	if err := fd.Do(rops); err != nil {
+		t.Fatal(err)
+	}
+	if rops[0].N != 8*bs || !bytes.Equal(bytes.Join(dst[:8], nil), bytes.Join(src, nil)) || !bytes.Equal(dst[8], plain) {
+		t.Fatalf("vectored batch read back other bytes (N %d)", rops[0].N)
+	}
+	bad := []iouring.Op{
+		{Write: true, Buf: aligned(bs), Off: 0},
+		{Write: true, Bufs: [][]byte{good[0], mem[bs/2 : bs/2+bs]}, Off: int64(bs)},
+	}
+	if err := fd.Do(bad); !errors.Is(err, ErrMisaligned) || bad[0].N != 0 {
+		t.Fatalf("batch with a misaligned vectored op: %v, op 0 N %d", err, bad[0].N)
+	}
+	if _, err := dev.ReadAt(got, 0); err != nil || !bytes.Equal(got, marker) {
+		t.Fatalf("refused vectored batch wrote op 0 (err %v)", err)
+	}
+}
+
 func suiteArena(t *testing.T, d *FileDevice) {
 	a, err := iouring.NewArena(64 << 10)
 	if err != nil {
@@ -384,7 +507,17 @@ func suiteClose(t *testing.T, dev Device) {
 	if err := dev.Close(); !errors.Is(err, ErrClosed) {
 		t.Errorf("second Close: %v", err)
 	}
+	vd := dev.(VectoredDevice)
+	if _, err := vd.ReadvAt([][]byte{buf}, 0); !errors.Is(err, ErrClosed) {
+		t.Errorf("ReadvAt after Close: %v", err)
+	}
+	if _, err := vd.WritevAt([][]byte{buf}, 0); !errors.Is(err, ErrClosed) {
+		t.Errorf("WritevAt after Close: %v", err)
+	}
 	if fd, ok := dev.(*FileDevice); ok {
+		if err := fd.Do([]iouring.Op{{Bufs: [][]byte{buf}}}); !errors.Is(err, ErrClosed) {
+			t.Errorf("vectored Do after Close: %v", err)
+		}
 		if err := fd.Do([]iouring.Op{{Buf: buf}}); !errors.Is(err, ErrClosed) {
 			t.Errorf("Do after Close: %v", err)
 		}

@@ -57,9 +57,15 @@ type FileOptions struct {
 type Op struct {
 	Write bool
 	Buf   []byte
-	Off   int64
-	N     int   // out: bytes transferred
-	Err   error // out: nil, or why the request failed or was short
+	// Bufs, if non-nil, makes the op vectored (READV/WRITEV, preadv/
+	// pwritev): the buffers are transferred in order, as one contiguous
+	// range of the file starting at Off, and Buf is ignored. Any number of
+	// buffers is accepted; the first MaxIovecs go in the batch, the rest
+	// follow in further requests.
+	Bufs [][]byte
+	Off  int64
+	N    int   // out: bytes transferred
+	Err  error // out: nil, or why the request failed or was short
 }
 
 // File performs concurrent I/O on one file descriptor, normally opened with
@@ -86,6 +92,9 @@ const closedBit = 1 << 62
 // (File handles short transfers and requests over maxRW).
 type backend interface {
 	rw(write bool, p []byte, off int64) (int, error)
+	// rwv transfers up to MaxIovecs buffers and maxRW bytes of bufs,
+	// bufs[0] starting at byte skip.
+	rwv(write bool, bufs [][]byte, skip int, off int64) (int, error)
 	sync() error
 	do(ops []Op)
 	registerArena(a *Arena) (note string, err error)
@@ -284,6 +293,77 @@ func (f *File) finish(write bool, p []byte, off int64, done int) (int, error) {
 	return done, nil
 }
 
+// ReadvAt reads into bufs, in order, the len(bufs[0])+len(bufs[1])+...
+// bytes at off: one vectored request (READV, or preadv under psync) per
+// MaxIovecs buffers, so non-contiguous memory is filled from a contiguous
+// range of the file without a bounce copy. Same rules as ReadAt: safe for
+// concurrent use, the caller guarantees each buffer's alignment, and
+// anything short is an error returned with the count read. The io_uring
+// path allocates nothing per call in steady state; fixed buffers (a
+// registered arena) are not used for vectored requests.
+func (f *File) ReadvAt(bufs [][]byte, off int64) (int, error) {
+	return f.rwv(false, bufs, off)
+}
+
+// WritevAt writes bufs, in order, as one contiguous range at off. Same
+// rules as ReadvAt; a short write is an error wrapping io.ErrShortWrite.
+func (f *File) WritevAt(bufs [][]byte, off int64) (int, error) {
+	return f.rwv(true, bufs, off)
+}
+
+func (f *File) rwv(write bool, bufs [][]byte, off int64) (int, error) {
+	if !f.enter() {
+		return 0, ErrClosed
+	}
+	defer f.exit()
+	if off < 0 {
+		return 0, fmt.Errorf("iouring: vectored %s at negative offset %d: %w", opName(write), off, syscall.EINVAL)
+	}
+	return f.finishv(write, bufs, vecLen(bufs), off, 0)
+}
+
+// vecLen is the total length of bufs.
+func vecLen(bufs [][]byte) int {
+	n := 0
+	for _, b := range bufs {
+		n += len(b)
+	}
+	return n
+}
+
+// finishv transfers bufs from byte done of total on, one request of up to
+// MaxIovecs buffers at a time, continuing after short transfers until the
+// kernel reports an error or makes no progress.
+func (f *File) finishv(write bool, bufs [][]byte, total int, off int64, done int) (int, error) {
+	// (i, skip): the first byte not yet transferred is bufs[i][skip];
+	// empty buffers are skipped, so every request carries bytes.
+	i, skip := 0, done
+	for i < len(bufs) && skip >= len(bufs[i]) {
+		skip -= len(bufs[i])
+		i++
+	}
+	for done < total {
+		n, err := f.be.rwv(write, bufs[i:], skip, off+int64(done))
+		if err != nil {
+			return done, fmt.Errorf("iouring: vectored %s of %d bytes in %d buffers at offset %d on fd %d: %w",
+				opName(write), total, len(bufs), off, f.fd, err)
+		}
+		if n == 0 {
+			return done, shortErr(write, done, total, off)
+		}
+		if n > total-done {
+			panic(fmt.Sprintf("iouring: vectored %s transferred %d bytes, only %d were left", opName(write), n, total-done))
+		}
+		done += n
+		skip += n
+		for i < len(bufs) && skip >= len(bufs[i]) {
+			skip -= len(bufs[i])
+			i++
+		}
+	}
+	return done, nil
+}
+
 func shortErr(write bool, n, want int, off int64) error {
 	sentinel := io.ErrUnexpectedEOF
 	if write {
@@ -329,14 +409,26 @@ func (f *File) Do(ops []Op) error {
 	var first error
 	for i := range ops {
 		op := &ops[i]
-		if op.Err != nil {
-			op.Err = fmt.Errorf("iouring: %s %d bytes at offset %d on fd %d: %w", opName(op.Write), len(op.Buf), op.Off, f.fd, op.Err)
-		} else if op.N < len(op.Buf) {
-			if op.N == 0 {
-				op.Err = shortErr(op.Write, 0, len(op.Buf), op.Off)
-			} else {
-				op.N, op.Err = f.finish(op.Write, op.Buf, op.Off, op.N)
-			}
+		want := len(op.Buf)
+		if op.Bufs != nil {
+			want = vecLen(op.Bufs)
+		}
+		switch {
+		case op.Err != nil:
+			op.Err = fmt.Errorf("iouring: %s %d bytes at offset %d on fd %d: %w", opName(op.Write), want, op.Off, f.fd, op.Err)
+		case op.N > want:
+			panic(fmt.Sprintf("iouring: Do: op %d transferred %d bytes of %d", i, op.N, want))
+		case op.N == want:
+		case op.Bufs != nil:
+			// Short, or longer than one request: continue. Even N == 0
+			// is retried once (the batch's request may have been
+			// MaxIovecs empty buffers); finishv skips empty buffers and
+			// stops at the first request that moves nothing.
+			op.N, op.Err = f.finishv(op.Write, op.Bufs, want, op.Off, op.N)
+		case op.N == 0:
+			op.Err = shortErr(op.Write, 0, want, op.Off)
+		default:
+			op.N, op.Err = f.finish(op.Write, op.Buf, op.Off, op.N)
 		}
 		if op.Err != nil && first == nil {
 			first = fmt.Errorf("iouring: Do: op %d of %d: %w", i, len(ops), op.Err)

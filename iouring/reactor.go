@@ -89,12 +89,18 @@ const sleepBit = 1 << 32
 type slot struct {
 	// Written by the owner before the push, read by the reactor after it
 	// takes the slot (the intake CAS/Swap orders them).
-	op    uint8
-	kind  uint8
-	gen   uint32
-	next  uint32 // intake link: index+1 of the slot below, 0 = bottom
-	off   int64
-	buf   []byte
+	op   uint8
+	kind uint8
+	gen  uint32
+	next uint32 // intake link: index+1 of the slot below, 0 = bottom
+	off  int64
+	buf  []byte
+	// iov[:niov] describes a READV/WRITEV. The array is the slot's own,
+	// grown on demand and reused, so vectored requests allocate nothing in
+	// steady state; its Base pointers keep the caller's buffers alive until
+	// deliver clears them, after the completion.
+	iov   []unix.Iovec
+	niov  int
 	batch *batch
 	bidx  int
 	arena *Arena
@@ -445,6 +451,10 @@ func (r *reactor) prepHeld() {
 			default:
 				err = r.ring.PrepWrite(r.fd, s.buf, s.off, ud)
 			}
+		case opReadv:
+			err = r.ring.PrepReadv(r.fd, s.iov[:s.niov], s.off, ud)
+		case opWritev:
+			err = r.ring.PrepWritev(r.fd, s.iov[:s.niov], s.off, ud)
 		case opFsync:
 			err = r.ring.PrepFsync(r.fd, true, ud)
 		case opNop:
@@ -491,6 +501,10 @@ func (r *reactor) deliver(idx uint32, res int32) {
 	r.nreq.Add(1)
 	s := &r.slots[idx]
 	s.buf = nil // the kernel is done with it
+	if s.niov > 0 {
+		clear(s.iov[:s.niov])
+		s.niov = 0
+	}
 	switch s.kind {
 	case kindBatch:
 		b := s.batch
@@ -635,6 +649,45 @@ func (r *reactor) shutdown() error {
 
 // ---- caller side ----
 
+// minSlotIov is the smallest iovec array a slot allocates.
+const minSlotIov = 16
+
+// setVec fills the slot's iovec array from bufs (bufs[0] starting at byte
+// skip): at most MaxIovecs buffers and maxRW bytes, the rest being left for
+// a further request (File continues after a short transfer). It returns
+// the bytes described. The array grows in powers of two up to MaxIovecs.
+func (s *slot) setVec(bufs [][]byte, skip int) int {
+	n := min(len(bufs), MaxIovecs)
+	if cap(s.iov) < n {
+		c := minSlotIov
+		for c < n {
+			c <<= 1
+		}
+		s.iov = make([]unix.Iovec, c)
+	}
+	s.iov = s.iov[:cap(s.iov)]
+	total := 0
+	k := 0
+	for ; k < n && total < maxRW; k++ {
+		b := bufs[k]
+		if k == 0 {
+			b = b[skip:]
+		}
+		if len(b) > maxRW-total {
+			b = b[:maxRW-total]
+		}
+		if len(b) > 0 {
+			s.iov[k].Base = &b[0]
+		} else {
+			s.iov[k].Base = nil
+		}
+		s.iov[k].SetLen(len(b))
+		total += len(b)
+	}
+	s.niov = k
+	return total
+}
+
 func (b *uringBackend) pick() *reactor {
 	if len(b.reactors) == 1 {
 		return b.reactors[0]
@@ -648,6 +701,24 @@ func (r *reactor) call(op, kind uint8, p []byte, off int64, a *Arena) (int32, st
 	s := &r.slots[idx]
 	s.gen++
 	s.op, s.kind, s.buf, s.off, s.arena = op, kind, p, off, a
+	return r.await(idx, s)
+}
+
+// callv runs one vectored request (see slot.setVec) synchronously; it
+// returns the kernel's result and the bytes requested.
+func (r *reactor) callv(op uint8, bufs [][]byte, skip int, off int64) (int32, int) {
+	idx := <-r.free
+	s := &r.slots[idx]
+	s.gen++
+	s.op, s.kind, s.off = op, kindSync, off
+	want := s.setVec(bufs, skip)
+	res, _ := r.await(idx, s)
+	return res, want
+}
+
+// await hands the filled slot to the reactor, waits for its result and
+// frees the slot.
+func (r *reactor) await(idx uint32, s *slot) (int32, string) {
 	s.state.Store(stPending)
 	r.push(idx, idx)
 	for i := 0; i < waiterSpin; i++ {
@@ -677,6 +748,21 @@ func (b *uringBackend) rw(write bool, p []byte, off int64) (int, error) {
 	}
 	if int(res) > len(p) {
 		panic(fmt.Sprintf("iouring: kernel transferred %d bytes for a %d-byte request", res, len(p)))
+	}
+	return int(res), nil
+}
+
+func (b *uringBackend) rwv(write bool, bufs [][]byte, skip int, off int64) (int, error) {
+	op := uint8(opReadv)
+	if write {
+		op = opWritev
+	}
+	res, want := b.pick().callv(op, bufs, skip, off)
+	if res < 0 {
+		return 0, errnoOf(res)
+	}
+	if int(res) > want {
+		panic(fmt.Sprintf("iouring: kernel transferred %d bytes for a %d-byte vectored request", res, want))
 	}
 	return int(res), nil
 }
@@ -717,15 +803,25 @@ func (b *uringBackend) do(ops []Op) {
 		}
 		s := &r.slots[idx]
 		s.gen++
-		s.op = opRead
-		if ops[i].Write {
-			s.op = opWrite
+		if ops[i].Bufs != nil {
+			s.op = opReadv
+			if ops[i].Write {
+				s.op = opWritev
+			}
+			s.setVec(ops[i].Bufs, 0)
+			s.buf = nil
+		} else {
+			s.op = opRead
+			if ops[i].Write {
+				s.op = opWrite
+			}
+			buf := ops[i].Buf
+			if len(buf) > maxRW {
+				buf = buf[:maxRW]
+			}
+			s.buf = buf
 		}
-		buf := ops[i].Buf
-		if len(buf) > maxRW {
-			buf = buf[:maxRW]
-		}
-		s.kind, s.buf, s.off, s.batch, s.bidx = kindBatch, buf, ops[i].Off, bt, i
+		s.kind, s.off, s.batch, s.bidx = kindBatch, ops[i].Off, bt, i
 		if chain == 0 {
 			bottom = idx
 		} else {

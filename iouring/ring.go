@@ -74,7 +74,8 @@ type Ring struct {
 	sqMask         uint32
 	sqEntries      uint32
 	sqes           []sqe
-	keep           [][]byte // keep[i]: buffer of the request last prepared in SQE i
+	keep           [][]byte       // keep[i]: buffer of the request last prepared in SQE i
+	keepIov        [][]unix.Iovec // keepIov[i]: its iovec array, for READV/WRITEV
 
 	cqHead, cqTail *uint32
 	cqMask         uint32
@@ -182,6 +183,7 @@ func (r *Ring) mapRings(p *params) error {
 	r.sqes = unsafe.Slice((*sqe)(unsafe.Pointer(&r.sqeMem[0])), r.sqEntries)
 	r.cqes = unsafe.Slice((*cqe)(unsafe.Pointer(&r.cqMem[p.cqOff.cqes])), r.cqEntries)
 	r.keep = make([][]byte, r.sqEntries)
+	r.keepIov = make([][]unix.Iovec, r.sqEntries)
 	r.tail = atomic.LoadUint32(r.sqTail)
 	return nil
 }
@@ -197,7 +199,7 @@ func (r *Ring) unmap() {
 		unix.Munmap(r.sqMem)
 	}
 	r.sqMem, r.cqMem, r.sqeMem = nil, nil, nil
-	r.sqes, r.cqes, r.keep = nil, nil, nil
+	r.sqes, r.cqes, r.keep, r.keepIov = nil, nil, nil, nil
 }
 
 // SQEntries is the size of the submission queue.
@@ -264,36 +266,45 @@ func (r *Ring) SingleIssuer() bool { return r.flags&setupSingleIssuer != 0 }
 // numbered in <linux/io_uring.h>), from IORING_REGISTER_PROBE.
 func (r *Ring) Supports(opcode uint8) bool { return r.ops[opcode] }
 
-// prep fills the next SQE. It is the only writer of SQEs; Submit publishes
-// them.
-func (r *Ring) prep(op uint8, fd int, buf []byte, off int64, opFlags uint32, bufIndex uint16, userData uint64) error {
+// nextSQE checks what every request shares and returns the index of the
+// SQE to fill.
+func (r *Ring) nextSQE(op uint8, fd int, off int64) (uint32, error) {
 	if r.closed {
-		return ErrClosed
+		return 0, ErrClosed
 	}
 	if !r.ops[op] {
-		return fmt.Errorf("iouring: opcode %s not supported by this kernel: %w", opNames[op], errors.ErrUnsupported)
+		return 0, fmt.Errorf("iouring: opcode %s not supported by this kernel: %w", opNames[op], errors.ErrUnsupported)
 	}
 	if off < 0 {
-		return fmt.Errorf("iouring: %s at negative offset %d: %w", opNames[op], off, syscall.EINVAL)
-	}
-	if len(buf) > maxRW {
-		return fmt.Errorf("iouring: %s of %d bytes exceeds the %d-byte limit of one request: %w", opNames[op], len(buf), maxRW, syscall.EINVAL)
+		return 0, fmt.Errorf("iouring: %s at negative offset %d: %w", opNames[op], off, syscall.EINVAL)
 	}
 	if fd < math.MinInt32 || fd > math.MaxInt32 {
-		return fmt.Errorf("iouring: fd %d out of range: %w", fd, syscall.EBADF)
+		return 0, fmt.Errorf("iouring: fd %d out of range: %w", fd, syscall.EBADF)
 	}
 	pending := r.tail - atomic.LoadUint32(r.sqHead)
 	if pending >= r.sqEntries {
-		return ErrSQFull
+		return 0, ErrSQFull
 	}
 	if r.inflight+pending >= r.cqEntries {
-		return ErrCQFull
+		return 0, ErrCQFull
+	}
+	return r.tail & r.sqMask, nil
+}
+
+// prep fills the next SQE. It and prepVec are the only writers of SQEs;
+// Submit publishes them.
+func (r *Ring) prep(op uint8, fd int, buf []byte, off int64, opFlags uint32, bufIndex uint16, userData uint64) error {
+	if len(buf) > maxRW {
+		return fmt.Errorf("iouring: %s of %d bytes exceeds the %d-byte limit of one request: %w", opNames[op], len(buf), maxRW, syscall.EINVAL)
+	}
+	i, err := r.nextSQE(op, fd, off)
+	if err != nil {
+		return err
 	}
 	var addr uint64
 	if len(buf) > 0 {
 		addr = uint64(uintptr(unsafe.Pointer(&buf[0])))
 	}
-	i := r.tail & r.sqMask
 	r.sqes[i] = sqe{
 		opcode:   op,
 		fd:       int32(fd),
@@ -308,6 +319,44 @@ func (r *Ring) prep(op uint8, fd int, buf []byte, off int64, opFlags uint32, buf
 	// could move while the kernel writes into it) and keeps it referenced
 	// at least until this SQE is reused.
 	r.keep[i] = buf
+	r.keepIov[i] = nil
+	r.tail++
+	return nil
+}
+
+// prepVec fills the next SQE with a READV or WRITEV of iov.
+func (r *Ring) prepVec(op uint8, fd int, iov []unix.Iovec, off int64, userData uint64) error {
+	if len(iov) > MaxIovecs {
+		return fmt.Errorf("iouring: %s of %d buffers exceeds the %d-buffer limit of one request: %w", opNames[op], len(iov), MaxIovecs, syscall.EINVAL)
+	}
+	var total uint64
+	for j := range iov {
+		total += iov[j].Len
+	}
+	if total > maxRW {
+		return fmt.Errorf("iouring: %s of %d bytes exceeds the %d-byte limit of one request: %w", opNames[op], total, maxRW, syscall.EINVAL)
+	}
+	i, err := r.nextSQE(op, fd, off)
+	if err != nil {
+		return err
+	}
+	var addr uint64
+	if len(iov) > 0 {
+		addr = uint64(uintptr(unsafe.Pointer(&iov[0])))
+	}
+	r.sqes[i] = sqe{
+		opcode:   op,
+		fd:       int32(fd),
+		off:      uint64(off),
+		addr:     addr,
+		len:      uint32(len(iov)),
+		userData: userData,
+	}
+	// As in prep: the array (and, through its Base pointers, the buffers)
+	// escapes to the heap and stays referenced at least until this SQE is
+	// reused; the caller keeps it until the completion.
+	r.keep[i] = nil
+	r.keepIov[i] = iov
 	r.tail++
 	return nil
 }
@@ -368,6 +417,26 @@ func (r *Ring) PrepWriteFixed(fd int, buf []byte, off int64, bufIndex uint16, us
 		return err
 	}
 	return r.prep(opWriteFixed, fd, buf, off, 0, bufIndex, userData)
+}
+
+// PrepReadv queues a vectored read (IORING_OP_READV) at off from fd into
+// the buffers iovecs describes, filled in order. At most MaxIovecs entries
+// and maxRW (1 GiB) bytes in all. The kernel may read the iovec array
+// itself as late as when it issues the request, and writes into the
+// buffers until the completion: the caller keeps the array, unmodified,
+// and every buffer it points to referenced until Reap delivers the
+// completion (a Go pointer in Iovec.Base is enough to keep a buffer alive
+// while the array is). O_DIRECT needs each buffer's address and length
+// aligned, not only their sum.
+func (r *Ring) PrepReadv(fd int, iovecs []unix.Iovec, off int64, userData uint64) error {
+	return r.prepVec(opReadv, fd, iovecs, off, userData)
+}
+
+// PrepWritev queues a vectored write (IORING_OP_WRITEV) of the buffers
+// iovecs describes, in order, to fd at off. Same rules as PrepReadv; the
+// buffers must also stay unmodified until the completion.
+func (r *Ring) PrepWritev(fd int, iovecs []unix.Iovec, off int64, userData uint64) error {
+	return r.prepVec(opWritev, fd, iovecs, off, userData)
 }
 
 // PrepFsync queues an fsync of fd (fdatasync when datasync is true). It

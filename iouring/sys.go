@@ -19,6 +19,8 @@ import (
 // Opcodes (enum io_uring_op).
 const (
 	opNop        = 0
+	opReadv      = 1
+	opWritev     = 2
 	opFsync      = 3
 	opReadFixed  = 4
 	opWriteFixed = 5
@@ -29,6 +31,8 @@ const (
 // opNames names the opcodes this package issues, for error messages.
 var opNames = map[uint8]string{
 	opNop:        "NOP",
+	opReadv:      "READV",
+	opWritev:     "WRITEV",
 	opFsync:      "FSYNC",
 	opReadFixed:  "READ_FIXED",
 	opWriteFixed: "WRITE_FIXED",
@@ -96,6 +100,12 @@ const maxEntries = 32768
 // read or write at MAX_RW_COUNT (INT_MAX rounded down to a page); File splits
 // larger requests, Ring refuses them.
 const maxRW = 1 << 30
+
+// MaxIovecs is the most buffers one vectored request carries (IOV_MAX, the
+// kernel's UIO_MAXIOV: readv/writev refuse more with EINVAL). Ring refuses
+// more; File and its Op batches accept any number and issue them in
+// requests of at most MaxIovecs buffers each.
+const MaxIovecs = 1024
 
 // maxFixedBuf is the largest single registered buffer the kernel accepts
 // (io_buffer_validate refuses iovecs over 1 GiB); an arena is registered as
@@ -218,9 +228,9 @@ func probeOps(fd int) ([256]bool, error) {
 }
 
 // requiredOps are the opcodes File depends on: READ/WRITE (5.6+) for plain
-// buffers and the eventfd wake-up, FSYNC for Sync, the FIXED pair for
-// registered arenas.
-var requiredOps = []uint8{opNop, opRead, opWrite, opFsync, opReadFixed, opWriteFixed}
+// buffers and the eventfd wake-up, READV/WRITEV for vectored I/O, FSYNC for
+// Sync, the FIXED pair for registered arenas.
+var requiredOps = []uint8{opNop, opReadv, opWritev, opRead, opWrite, opFsync, opReadFixed, opWriteFixed}
 
 var (
 	probeOnce sync.Once
