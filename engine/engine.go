@@ -38,7 +38,7 @@ const (
 	// maxIOBytes caps one device I/O issued by writeback or a read.
 	maxIOBytes = 1 << 20
 	// ioParallel bounds the device I/Os one writeback keeps in flight.
-	ioParallel = 16
+	ioParallel = 32
 	// bgWriters is how many objects background writeback writes at once.
 	bgWriters = 4
 	// writeChunkBlocks bounds the blocks one WriteAt step dirties under
