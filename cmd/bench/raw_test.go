@@ -181,30 +181,72 @@ func TestRawBadFlags(t *testing.T) {
 }
 
 func TestSuite(t *testing.T) {
-	out, err := bench(t, "--runtime", "100ms", "--size", "8M")
+	out, err := bench(t, "--runtime", "100ms", "--size", "64M")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"raw randread 4k qd32", "raw randwrite 4k qd32", "raw write 1M qd16", "raw randread 4k qd1", "IOPS"} {
+	for _, want := range []string{"raw randread 4k qd32", "raw randwrite 4k qd32", "raw write 1M qd16", "raw randread 4k qd1",
+		"IOPS", "engine beside the raw device", "seqwrite 4k", "randread 4k"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("suite output lacks %q:\n%s", want, out)
 		}
 	}
-	out, err = bench(t, "suite", "--runtime", "100ms", "--size", "8M", "--json")
+	out, err = bench(t, "suite", "--runtime", "100ms", "--size", "64M", "--json")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rs []result
+	var rs struct {
+		Raw    []result       `json:"raw"`
+		Engine []engineResult `json:"engine"`
+	}
 	if err := json.Unmarshal([]byte(out), &rs); err != nil {
 		t.Fatalf("suite --json: %v\n%s", err, out)
 	}
-	if len(rs) != len(suiteWorkloads) {
-		t.Fatalf("suite --json: %d results, want %d", len(rs), len(suiteWorkloads))
+	if len(rs.Raw) != len(suiteWorkloads) || len(rs.Engine) != len(suiteEngine) {
+		t.Fatalf("suite --json: %d raw and %d engine results, want %d and %d", len(rs.Raw), len(rs.Engine), len(suiteWorkloads), len(suiteEngine))
 	}
-	for _, r := range rs {
+	for _, r := range rs.Raw {
 		if r.Ops <= 0 {
 			t.Errorf("%s: ops = %d", r.label(), r.Ops)
 		}
+	}
+	for _, r := range rs.Engine {
+		if r.Ops <= 0 || r.Mode != "engine" {
+			t.Errorf("engine %s: ops = %d, mode %q", r.Workload, r.Ops, r.Mode)
+		}
+	}
+}
+
+// TestRunWorkloads runs every engine workload briefly and checks the JSON
+// fields the hack/ scripts rely on.
+func TestRunWorkloads(t *testing.T) {
+	for _, w := range []string{"seqwrite", "randwrite", "seqread", "randread", "mixed"} {
+		out, err := bench(t, "run", "--workload", w, "--objects", "3", "--size", "2M", "--jobs", "3",
+			"--runtime", "200ms", "--cache", "16M", "--sync-every", "7", "--json")
+		if err != nil {
+			t.Fatalf("%s: %v", w, err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(out), &m); err != nil {
+			t.Fatalf("%s: %v\n%s", w, err, out)
+		}
+		for _, k := range []string{"mode", "workload", "bs", "objects", "jobs", "ops", "bytes", "seconds", "iops",
+			"mib_per_s", "lat_us", "extents_per_object", "allocations", "device_bytes_written"} {
+			if _, ok := m[k]; !ok {
+				t.Errorf("%s: JSON lacks %q: %s", w, k, out)
+			}
+		}
+		if m["mode"] != "engine" || m["workload"] != w || m["ops"].(float64) <= 0 {
+			t.Errorf("%s: %s", w, out)
+		}
+		// A Sync every 7 writes flushes 28 KiB at a time; allocation
+		// windows still keep each object in a few extents.
+		if w == "seqwrite" && m["extents_per_object"].(float64) > 4 {
+			t.Errorf("seqwrite: %v extents per object, want ≤ 4", m["extents_per_object"])
+		}
+	}
+	if _, err := bench(t, "run", "--objects", "0"); err == nil {
+		t.Error("--objects 0 accepted")
 	}
 }
 

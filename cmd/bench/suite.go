@@ -142,6 +142,10 @@ func runEngineSuite(env *appEnv, bd *benchDevice, c *suiteCmd) ([]engineResult, 
 		spec := pair.spec
 		spec.runtime = c.Runtime
 		spec.quiet = true
+		// Scale the data set to the device: at most half of it.
+		if per := bd.dev.Size() / 2 / int64(spec.objects) / spec.bs * spec.bs; spec.size > per {
+			spec.size = max(per, spec.bs)
+		}
 		if err := engine.Format(bd.dev, engine.FormatOptions{}); err != nil {
 			return out, err
 		}
