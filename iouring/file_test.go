@@ -87,7 +87,9 @@ func TestFileReactorVariants(t *testing.T) {
 	} {
 		t.Run(v.name, func(t *testing.T) {
 			set(v.k)
-			defer set(saved)
+			// A cleanup registered first runs last: after the File's
+			// Close has stopped the reactor that reads the knobs.
+			t.Cleanup(func() { set(saved) })
 			concurrentRandomIO(t, ModeIOURing, 2000)
 		})
 	}
