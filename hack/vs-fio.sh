@@ -150,6 +150,8 @@ for w in workloads:
     ratio = b / f if f else float("nan")
     if metric == "p50":
         ok, target = ratio <= 1.15, "≤ 1.15"
+    elif metric == "mib":
+        ok, target = ratio >= 0.95, "≥ 0.95"
     else:
         ok, target = ratio >= 0.90, "≥ 0.90"
     fmt = "{:.1f}" if metric != "iops" else "{:.0f}"
