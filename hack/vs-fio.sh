@@ -150,7 +150,7 @@ for w in workloads:
     ratio = b / f if f else float("nan")
     if metric == "p50":
         ok, target = ratio <= 1.15, "≤ 1.15"
-    elif metric == "mib":
+    elif metric == "mibps":
         ok, target = ratio >= 0.95, "≥ 0.95"
     else:
         ok, target = ratio >= 0.90, "≥ 0.90"
