@@ -698,3 +698,73 @@ func TestFileControlDuringSpin(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestFileNoStall: callers that stop after a random number of requests,
+// in waves, with batches among them. A request pushed while the reactor
+// sleeps must wake it even when the woken waiters that were to bring the
+// next requests do not come back.
+func TestFileNoStall(t *testing.T) {
+	needIOURing(t)
+	const bs = 4096
+	osf := tempDirect(t, 64*bs)
+	// Not closed on failure: Close would wait for the stuck call.
+	f, err := NewFile(int(osf.Fd()), FileOptions{Mode: ModeIOURing, QueueDepth: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waves := 200
+	if testing.Short() {
+		waves = 50
+	}
+	done := make(chan error, 1)
+	go func() {
+		rng := rand.New(rand.NewPCG(5, 6))
+		for w := range waves {
+			var wg sync.WaitGroup
+			errs := make(chan error, 64)
+			n := 1 + rng.IntN(40)
+			for g := range n {
+				reads := 1 + rng.IntN(4)
+				batch := g%7 == 3
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					buf := directio.AlignedBlock(bs)
+					for i := range reads {
+						off := int64((g+i)%64) * bs
+						if batch {
+							ops := []Op{{Buf: buf, Off: off}, {Bufs: [][]byte{buf}, Off: off}}
+							if err := f.Do(ops); err != nil {
+								errs <- err
+								return
+							}
+							continue
+						}
+						if _, err := f.ReadAt(buf, off); err != nil {
+							errs <- err
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				done <- fmt.Errorf("wave %d: %w", w, err)
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("callers stuck; stats %+v", f.Stats())
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}

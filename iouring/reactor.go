@@ -34,9 +34,14 @@ import (
 //     enters the ring as one batch;
 //   - the reactor submits everything it took and waits for a completion in
 //     the same io_uring_enter;
-//   - a reactor about to sleep sets a flag in the intake word; only the
-//     first caller to push after that pays for a wake-up (an eventfd write
-//     that completes a READ the reactor keeps armed on its own ring);
+//   - a reactor about to sleep sets a flag in the intake word, and one
+//     caller pays for waking it (an eventfd write that completes a READ
+//     the reactor keeps armed on its own ring): the first to push, unless
+//     waiters the reactor has woken are still to run. Those mostly come
+//     back with a request, so the pushers leave the wake-up to the last of
+//     them to resume, and the reactor takes the whole round's requests in
+//     one wake-up instead of one per pusher (NOPs at QD32: 0.08 -> 0.03
+//     kicks and 0.16 -> 0.06 io_uring_enter per request, 2x the rate);
 //   - a waiter parks only if its result is not there yet (state CAS), and
 //     the reactor signals only waiters that parked;
 //   - wake-ups are batched: the reactor readies only the first waiter of a
@@ -136,7 +141,12 @@ type waker struct {
 // wait parks until signalled, then passes the signal on down the chain.
 func (w *waker) wait(r *reactor) {
 	<-w.c
-	r.waking.Add(-1)
+	if r.waking.Add(-1) == 0 {
+		// Callers that pushed while woken waiters were still to run left
+		// the kick to the last of them: most of those waiters come back
+		// with a request, and the reactor takes them all in one wake-up.
+		r.kickIfAsleep()
+	}
 	n := w.next
 	w.next = nil
 	for n != nil {
@@ -384,10 +394,27 @@ func (r *reactor) push(bottom, top uint32) {
 	for {
 		old := r.intake.Load()
 		r.slots[bottom].next = uint32(old)
-		if r.intake.CompareAndSwap(old, uint64(top)+1) {
-			if old&sleepBit != 0 {
-				r.kick()
+		// The sleep bit stays set until someone kicks: a pusher, or the
+		// last woken waiter to resume (see waker.wait).
+		if r.intake.CompareAndSwap(old, uint64(top)+1|old&sleepBit) {
+			if old&sleepBit != 0 && r.waking.Load() <= 0 {
+				r.kickIfAsleep()
 			}
+			return
+		}
+	}
+}
+
+// kickIfAsleep wakes the reactor if it sleeps with requests in intake,
+// clearing the sleep bit so that exactly one caller pays for the kick.
+func (r *reactor) kickIfAsleep() {
+	for {
+		w := r.intake.Load()
+		if w&sleepBit == 0 || uint32(w) == 0 {
+			return
+		}
+		if r.intake.CompareAndSwap(w, w&^sleepBit) {
+			r.kick()
 			return
 		}
 	}
