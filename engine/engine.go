@@ -588,9 +588,27 @@ func (e *Engine) syncAll(force bool) error {
 	}
 	wg.Wait()
 	if first != nil {
+		for _, o := range objs {
+			o.takeWbErr()
+		}
 		return first
 	}
-	return e.commit(force)
+	if err := e.commit(force); err != nil {
+		return err
+	}
+	// Report, once, writeback failures whose pages have been written since.
+	e.mu.RLock()
+	all := make([]*Object, 0, len(e.objects))
+	for _, o := range e.objects {
+		all = append(all, o)
+	}
+	e.mu.RUnlock()
+	for _, o := range all {
+		if err := o.takeWbErr(); err != nil {
+			first = cmpErr(first, fmt.Errorf("an earlier writeback failed (its data has been written again since): %w", err))
+		}
+	}
+	return first
 }
 
 func cmpErr(a, b error) error {

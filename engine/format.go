@@ -241,7 +241,7 @@ func encodeCheckpoint(dst []byte, c *checkpoint, bs int, maxBlocks int64) ([]byt
 	}
 	need := count * bs
 	if cap(dst) < need {
-		dst = make([]byte, need)
+		dst = alignedBuf(need) // O_DIRECT: the device checks the address
 	}
 	dst = dst[:need]
 	for i := 0; i < count; i++ {

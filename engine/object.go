@@ -40,6 +40,7 @@ type Object struct {
 	dirtySince time.Time
 	lastFlush  time.Time
 	window     reserve.Extent // speculative preallocation after the last extent
+	wbErr      error          // a writeback failure not yet reported by a Sync
 
 	raNext atomic.Int64 // block a sequential reader asks for next
 	raLen  atomic.Int64 // current readahead window, in blocks
@@ -273,8 +274,9 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 	cr := credits{e: e}
 	defer cr.release()
 	written := 0
+	chunk := int64(max(1, min(writeChunkBlocks, e.cache.DirtyLimitPages()/4)))
 	for cb := b0; cb < b1; {
-		ce := min(cb+writeChunkBlocks, b1)
+		ce := min(cb+chunk, b1)
 		for {
 			o.mu.RLock()
 			need := 0
@@ -318,6 +320,9 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 					if err := o.fillBaseLocked(b, pg.Data()); err != nil {
 						pg.Release()
 						e.cache.ReleaseDirty(1)
+						// Blocks [cb, b) were copied: record them, so no
+						// dirty page is left over a hole.
+						reserved -= o.recordLocked(cb, b, off+int64(written), reserved)
 						o.mu.Unlock()
 						return written, fmt.Errorf("write %q at %d: read-modify-write: %w", o.name, off, err)
 					}
@@ -328,25 +333,35 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 			copy(pg.Data()[from:to], src)
 			written += len(src)
 		}
-		n, err := o.tree.MarkDelalloc(cb, ce-cb)
-		if err != nil {
-			o.mu.Unlock()
-			panic(fmt.Sprintf("rawblock: object %q: mark delalloc %d+%d: %v", o.name, cb, ce-cb, err))
-		}
-		if n > reserved {
-			o.mu.Unlock()
-			panic(fmt.Sprintf("rawblock: object %q: write found %d new holes, only %d reserved", o.name, n, reserved))
-		}
-		reserved -= n
-		if end := min(off+int64(len(p)), ce*bs); end > o.size {
-			o.size = end
-			e.metaDirty.Store(true)
-		}
-		o.markDirtyLocked()
+		reserved -= o.recordLocked(cb, ce, min(off+int64(len(p)), ce*bs), reserved)
 		o.mu.Unlock()
 		cb = ce
 	}
 	return written, nil
+}
+
+// recordLocked marks blocks [b0, b1), just copied into dirty pages,
+// delalloc, grows the size to end if it is larger, and returns how many
+// reserved blocks that used (at most reserved: more is a broken invariant).
+func (o *Object) recordLocked(b0, b1, end, reserved int64) int64 {
+	if b1 <= b0 {
+		return 0
+	}
+	n, err := o.tree.MarkDelalloc(b0, b1-b0)
+	if err != nil {
+		o.mu.Unlock()
+		panic(fmt.Sprintf("rawblock: object %q: mark delalloc %d+%d: %v", o.name, b0, b1-b0, err))
+	}
+	if n > reserved {
+		o.mu.Unlock()
+		panic(fmt.Sprintf("rawblock: object %q: write found %d new holes, only %d reserved", o.name, n, reserved))
+	}
+	if end > o.size {
+		o.size = end
+		o.e.metaDirty.Store(true)
+	}
+	o.markDirtyLocked()
+	return n
 }
 
 // fillBaseLocked puts block b's current contents into buf, for a write that
@@ -851,10 +866,14 @@ func (o *Object) Sync() error {
 		return nil
 	}
 	if err := o.writeback(); err != nil {
+		o.takeWbErr()
 		return fmt.Errorf("sync %q: %w", o.name, err)
 	}
 	if err := e.commit(false); err != nil {
 		return fmt.Errorf("sync %q: %w", o.name, err)
+	}
+	if err := o.takeWbErr(); err != nil {
+		return fmt.Errorf("sync %q: an earlier writeback failed (its data has been written again since): %w", o.name, err)
 	}
 	return nil
 }
@@ -952,7 +971,9 @@ func (o *Object) writeback() error {
 		}
 		i = j
 	}
-	o.undirtyLocked()
+	// The object stays in the engine's dirty set until this writeback has
+	// finished, so an Engine.Sync racing with it waits for it (wbMu).
+	o.dirtySince = time.Time{}
 	o.lastFlush = time.Now()
 	o.mu.Unlock()
 
@@ -989,7 +1010,9 @@ func (o *Object) writeback() error {
 	}
 	if err != nil {
 		o.markDirtyLocked()
-		return fmt.Errorf("writeback %q: %w", o.name, err)
+		err = fmt.Errorf("writeback %q: %w", o.name, err)
+		o.wbErr = err
+		return err
 	}
 	for _, r := range unwritten {
 		if serr := o.tree.SetWritten(r.Start, r.Len); serr != nil {
@@ -1001,8 +1024,21 @@ func (o *Object) writeback() error {
 	}
 	if len(o.dirty) > 0 {
 		o.markDirtyLocked()
+	} else {
+		o.undirtyLocked()
 	}
 	return nil
+}
+
+// takeWbErr returns, once, the error of a writeback that failed since
+// the last Sync: the pages were kept and written again since, but a Sync
+// reports every failure at least once.
+func (o *Object) takeWbErr() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	err := o.wbErr
+	o.wbErr = nil
+	return err
 }
 
 // allocLocked turns every delalloc range into unwritten extents: one
