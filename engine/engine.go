@@ -597,12 +597,7 @@ func (e *Engine) syncAll(force bool) error {
 		return err
 	}
 	// Report, once, writeback failures whose pages have been written since.
-	e.mu.RLock()
-	all := make([]*Object, 0, len(e.objects))
-	for _, o := range e.objects {
-		all = append(all, o)
-	}
-	e.mu.RUnlock()
+	all := e.objectList()
 	for _, o := range all {
 		if err := o.takeWbErr(); err != nil {
 			first = cmpErr(first, fmt.Errorf("an earlier writeback failed (its data has been written again since): %w", err))
@@ -789,6 +784,18 @@ func (e *Engine) background() {
 	}
 }
 
+// objectList returns the live objects, so callers can visit them without
+// holding the engine lock.
+func (e *Engine) objectList() []*Object {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	objs := make([]*Object, 0, len(e.objects))
+	for _, o := range e.objects {
+		objs = append(objs, o)
+	}
+	return objs
+}
+
 func (e *Engine) flushDevice() error {
 	if err := e.dev.Flush(); err != nil {
 		return fmt.Errorf("flush device: %w", err)
@@ -800,18 +807,21 @@ func (e *Engine) writeDev(p []byte, off int64) error {
 	e.devWrites.Add(1)
 	e.devBytesW.Add(uint64(len(p)))
 	n, err := e.dev.WriteAt(p, off)
-	if err == nil && n != len(p) {
-		err = fmt.Errorf("short write: %d of %d bytes at %d", n, len(p), off)
-	}
-	return err
+	return whole("write", n, len(p), off, err)
 }
 
 func (e *Engine) readDev(p []byte, off int64) error {
 	e.devReads.Add(1)
 	e.devBytesR.Add(uint64(len(p)))
 	n, err := e.dev.ReadAt(p, off)
-	if err == nil && n != len(p) {
-		err = fmt.Errorf("short read: %d of %d bytes at %d", n, len(p), off)
+	return whole("read", n, len(p), off, err)
+}
+
+// whole turns a short transfer that reported no error into one: a device
+// that moves less than asked has failed, whatever it says.
+func whole(op string, n, want int, off int64, err error) error {
+	if err == nil && n != want {
+		err = fmt.Errorf("short %s: %d of %d bytes at %d", op, n, want, off)
 	}
 	return err
 }
@@ -841,12 +851,7 @@ func (e *Engine) reserve(n int64) error {
 }
 
 func (e *Engine) releaseAllWindows() {
-	e.mu.RLock()
-	objs := make([]*Object, 0, len(e.objects))
-	for _, o := range e.objects {
-		objs = append(objs, o)
-	}
-	e.mu.RUnlock()
+	objs := e.objectList()
 	for _, o := range objs {
 		o.mu.Lock()
 		o.releaseWindowLocked()
@@ -855,12 +860,7 @@ func (e *Engine) releaseAllWindows() {
 }
 
 func (e *Engine) releaseIdleWindows(now time.Time) {
-	e.mu.RLock()
-	objs := make([]*Object, 0, len(e.objects))
-	for _, o := range e.objects {
-		objs = append(objs, o)
-	}
-	e.mu.RUnlock()
+	objs := e.objectList()
 	for _, o := range objs {
 		o.mu.Lock()
 		if o.window.Len > 0 && now.Sub(o.lastFlush) > windowIdle {

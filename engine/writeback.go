@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"fmt"
 	"sync"
 )
 
@@ -21,10 +20,7 @@ func (e *Engine) writevDev(v vectorDevice, bufs [][]byte, off int64) error {
 	e.devWrites.Add(1)
 	e.devBytesW.Add(uint64(total))
 	n, err := v.WritevAt(bufs, off)
-	if err == nil && n != total {
-		err = fmt.Errorf("short write: %d of %d bytes at %d", n, total, off)
-	}
-	return err
+	return whole("write", n, total, off, err)
 }
 
 func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
@@ -35,10 +31,7 @@ func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
 	e.devReads.Add(1)
 	e.devBytesR.Add(uint64(total))
 	n, err := v.ReadvAt(bufs, off)
-	if err == nil && n != total {
-		err = fmt.Errorf("short read: %d of %d bytes at %d", n, total, off)
-	}
-	return err
+	return whole("read", n, total, off, err)
 }
 
 // writePages writes a writeback batch: pages with consecutive blocks and
