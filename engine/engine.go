@@ -39,8 +39,10 @@ const (
 	maxIOBytes = 1 << 20
 	// ioParallel bounds the device I/Os one writeback keeps in flight.
 	ioParallel = 32
-	// bgWriters is how many objects background writeback writes at once.
-	bgWriters = 4
+	// bgWriters and syncWriters: how many objects background writeback and
+	// Sync write back at once.
+	bgWriters   = 4
+	syncWriters = 4
 	// writeChunkBlocks bounds the blocks one WriteAt step dirties under
 	// the object lock, so readers and writeback interleave with big writes.
 	writeChunkBlocks = 256
@@ -513,9 +515,6 @@ func (e *Engine) Remove(name string) error {
 	o.releaseWindowLocked()
 	e.cache.RemoveObject(o.id)
 	e.metaDirty.Store(true)
-	e.dirtyMu.Lock()
-	delete(e.dirtyObjs, o)
-	e.dirtyMu.Unlock()
 	return err
 }
 
@@ -562,31 +561,8 @@ func (e *Engine) Sync() error {
 // syncAll writes back every dirty object, flushes, and writes a checkpoint
 // if any metadata changed (always when force is set).
 func (e *Engine) syncAll(force bool) error {
-	e.dirtyMu.Lock()
-	objs := make([]*Object, 0, len(e.dirtyObjs))
-	for o := range e.dirtyObjs {
-		objs = append(objs, o)
-	}
-	e.dirtyMu.Unlock()
-	var (
-		wg    sync.WaitGroup
-		errMu sync.Mutex
-		first error
-	)
-	sem := make(chan struct{}, 4)
-	for _, o := range objs {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			if err := o.writeback(); err != nil {
-				errMu.Lock()
-				first = cmpErr(first, err)
-				errMu.Unlock()
-			}
-		}()
-	}
-	wg.Wait()
+	objs := e.dirtyList()
+	first := e.writebackObjects(objs, syncWriters)
 	if first != nil {
 		for _, o := range objs {
 			o.takeWbErr()
@@ -757,31 +733,56 @@ func (e *Engine) background() {
 		case <-tick.C:
 		}
 		now := time.Now()
-		e.dirtyMu.Lock()
-		objs := make([]*Object, 0, len(e.dirtyObjs))
-		for o := range e.dirtyObjs {
-			objs = append(objs, o)
-		}
-		e.dirtyMu.Unlock()
-		var wg sync.WaitGroup
-		sem := make(chan struct{}, bgWriters)
-		for _, o := range objs {
+		var due []*Object
+		for _, o := range e.dirtyList() {
 			if all || o.dirtyAge(now) > dirtyExpire {
-				wg.Add(1)
-				sem <- struct{}{}
-				go func() {
-					defer func() { <-sem; wg.Done() }()
-					// An error stays with the object's dirty pages; the
-					// next Sync retries and reports it.
-					_ = o.writeback()
-				}()
+				due = append(due, o)
 			}
 		}
-		wg.Wait()
+		// An error stays with the object's dirty pages; the next Sync
+		// retries and reports it.
+		_ = e.writebackObjects(due, bgWriters)
 		if !all {
 			e.releaseIdleWindows(now)
 		}
 	}
+}
+
+// dirtyList returns the objects that have dirty pages or a writeback in
+// flight.
+func (e *Engine) dirtyList() []*Object {
+	e.dirtyMu.Lock()
+	defer e.dirtyMu.Unlock()
+	objs := make([]*Object, 0, len(e.dirtyObjs))
+	for o := range e.dirtyObjs {
+		objs = append(objs, o)
+	}
+	return objs
+}
+
+// writebackObjects writes back objs, at most par at a time, and returns the
+// first error.
+func (e *Engine) writebackObjects(objs []*Object, par int) error {
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	sem := make(chan struct{}, par)
+	for _, o := range objs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if err := o.writeback(); err != nil {
+				mu.Lock()
+				first = cmpErr(first, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return first
 }
 
 // objectList returns the live objects, so callers can visit them without
@@ -868,12 +869,6 @@ func (e *Engine) releaseIdleWindows(now time.Time) {
 		}
 		o.mu.Unlock()
 	}
-}
-
-func (e *Engine) markDirty(o *Object) {
-	e.dirtyMu.Lock()
-	e.dirtyObjs[o] = struct{}{}
-	e.dirtyMu.Unlock()
 }
 
 var bgCtx = context.Background()

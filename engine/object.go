@@ -279,12 +279,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 		ce := min(cb+chunk, b1)
 		for {
 			o.mu.RLock()
-			need := 0
-			for b := cb; b < ce; b++ {
-				if o.dirty[b] == nil {
-					need++
-				}
-			}
+			need := o.missingPagesLocked(cb, ce)
 			o.mu.RUnlock()
 			if err := cr.grow(need); err != nil {
 				return written, fmt.Errorf("write %q at %d: %w", o.name, off, err)
@@ -295,13 +290,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 				return written, o.notExist("write")
 			}
 			// Writeback may have taken pages since we counted.
-			need = 0
-			for b := cb; b < ce; b++ {
-				if o.dirty[b] == nil {
-					need++
-				}
-			}
-			if need <= len(cr.pages) {
+			if o.missingPagesLocked(cb, ce) <= len(cr.pages) {
 				o.ra.drop(&e.bufPool)
 				break
 			}
@@ -338,6 +327,18 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 		cb = ce
 	}
 	return written, nil
+}
+
+// missingPagesLocked counts the blocks of [b0, b1) without a dirty page:
+// the frames a write of them needs.
+func (o *Object) missingPagesLocked(b0, b1 int64) int {
+	n := 0
+	for b := b0; b < b1; b++ {
+		if o.dirty[b] == nil {
+			n++
+		}
+	}
+	return n
 }
 
 // recordLocked marks blocks [b0, b1), just copied into dirty pages,
@@ -438,18 +439,12 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 				if !inReq {
 					break
 				}
-				if err := r.flush(); err != nil {
-					return 0, err
-				}
 				r.copyOut(b, pg.Data())
 				continue
 			}
 			if s.State != extenttree.Written {
 				if !inReq {
 					break
-				}
-				if err := r.flush(); err != nil {
-					return 0, err
 				}
 				r.zero(b)
 				continue
@@ -466,10 +461,6 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 				if !inReq {
 					pg.Release()
 					break
-				}
-				if err := r.flush(); err != nil {
-					pg.Release()
-					return 0, err
 				}
 				r.copyOut(b, pg.Data())
 				pg.Release()
@@ -502,7 +493,9 @@ func (o *Object) pageLocked(b int64) *cache.Page {
 	return nil
 }
 
-// readOp gathers a read's consecutive cache misses into one device I/O.
+// readOp gathers a read's consecutive cache misses into one device I/O. A
+// hit between misses needs no flush: the next miss is not contiguous with
+// the pending run, so miss flushes it, and ReadAt flushes the last one.
 type readOp struct {
 	o        *Object
 	p        []byte
