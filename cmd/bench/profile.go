@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"runtime/pprof"
@@ -27,4 +28,18 @@ func startCPUProfile(path string) (stop func() error, err error) {
 		}
 		return nil
 	}, nil
+}
+
+// profiled runs fn under a CPU profile into path ("" = none) and closes bd
+// afterwards, joining every error.
+func profiled(path string, bd *benchDevice, fn func() error) error {
+	stop, err := startCPUProfile(path)
+	if err != nil {
+		return errors.Join(err, bd.close())
+	}
+	err = fn()
+	if perr := stop(); perr != nil {
+		err = errors.Join(err, perr)
+	}
+	return errors.Join(err, bd.close())
 }

@@ -79,17 +79,11 @@ func (c *rawCmd) Run(env *appEnv) error {
 	if err != nil {
 		return err
 	}
-	stopProfile, err := startCPUProfile(c.CPUProf)
-	if err != nil {
-		return errors.Join(err, bd.close())
-	}
-	res, err := runRaw(env.ctx, bd, spec)
-	if perr := stopProfile(); perr != nil {
-		err = errors.Join(err, perr)
-	}
-	if cerr := bd.close(); cerr != nil {
-		err = errors.Join(err, cerr)
-	}
+	var res result
+	err = profiled(c.CPUProf, bd, func() (err error) {
+		res, err = runRaw(env.ctx, bd, spec)
+		return err
+	})
 	if err != nil {
 		return err
 	}

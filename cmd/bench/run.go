@@ -135,17 +135,11 @@ func (c *runCmd) Run(env *appEnv) error {
 			return errors.Join(err, bd.close())
 		}
 	}
-	stopProfile, err := startCPUProfile(c.CPUProf)
-	if err != nil {
-		return errors.Join(err, bd.close())
-	}
-	r, err := runEngine(env.ctx, bd, spec)
-	if perr := stopProfile(); perr != nil {
-		err = errors.Join(err, perr)
-	}
-	if cerr := bd.close(); cerr != nil {
-		err = errors.Join(err, cerr)
-	}
+	var r engineResult
+	err = profiled(c.CPUProf, bd, func() (err error) {
+		r, err = runEngine(env.ctx, bd, spec)
+		return err
+	})
 	if err != nil {
 		return err
 	}
@@ -227,11 +221,7 @@ func runEngine(ctx context.Context, bd *benchDevice, spec engineSpec) (engineRes
 	after := e.Stats()
 	var exts int
 	for _, o := range objs {
-		xs := o.Extents()
-		exts += len(xs)
-		if len(xs) > 1 && os.Getenv("DBG") != "" {
-			fmt.Fprintf(os.Stderr, "%s: %+v\n", o.Name(), xs)
-		}
+		exts += len(o.Extents())
 	}
 	r.Ops, r.Bytes, r.Seconds = ops.Load(), bytes.Load(), elapsed.Seconds()
 	if r.Seconds > 0 {
