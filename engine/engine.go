@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -49,6 +50,9 @@ const (
 	// dirtyExpire is how old dirty data may get before background writeback
 	// writes it even without memory pressure.
 	dirtyExpire = 5 * time.Second
+	// bgCommitBytes is the pending journal batch size at which background
+	// writeback commits it.
+	bgCommitBytes = 1 << 20
 	// windowIdle is how long an object may not be flushed before its
 	// allocation window is given back.
 	windowIdle = 30 * time.Second
@@ -92,6 +96,9 @@ type Stats struct {
 	DeviceWrites, DeviceReads            uint64 // I/Os issued to the device
 	DeviceBytesWritten, DeviceBytesRead  uint64
 	CacheHits, CacheMisses               uint64
+	// Metadata: commits (journal transactions, checkpoints or bare
+	// flushes), checkpoints written, journal bytes written, device flushes.
+	Commits, Checkpoints, JournalBytesWritten, Flushes uint64
 }
 
 // errInvalid is the root of bad-argument errors; it matches fs.ErrInvalid.
@@ -121,17 +128,36 @@ type Engine struct {
 	dirtyObjs map[*Object]struct{}
 
 	// gate orders writeback against checkpoints: writeback marks extents
-	// written holding it shared; commit holds it exclusively across its
-	// device flush and metadata snapshot.
-	gate      sync.RWMutex
-	syncMu    sync.Mutex // one checkpoint at a time
-	ckptSeq   uint64     // sequence of the newest durable checkpoint
-	ckptSlot  int        // the slot it lives in
-	ckptBuf   []byte
-	metaDirty atomic.Bool
-	// freeSeq is the checkpoint sequence that will first exclude an extent
-	// freed now; commit advances it before taking its snapshot.
-	freeSeq atomic.Uint64
+	// written and logs their mapping holding it shared; a checkpoint takes
+	// the pending batch and its snapshot holding it exclusively, so the
+	// snapshot maps exactly the extents of the batches it covers.
+	gate sync.RWMutex
+
+	// The pending journal batch (jmu, a leaf lock): operations logged since
+	// the last commit took the batch, and the batch's generation. A
+	// generation is durable once doneGen reaches it; extents freed in it
+	// stay busy until then.
+	jmu     sync.Mutex
+	jops    []byte
+	jmaps   bool      // the batch maps extents: their data is flushed first
+	jsince  time.Time // when the batch got its first operation
+	gen     uint64
+	doneGen atomic.Uint64
+
+	// The committer's state (syncMu): one commit at a time, and the callers
+	// waiting on syncMu share the next one (group commit).
+	syncMu   sync.Mutex
+	ring     ringPos
+	ckptSlot int // the slot of the newest durable checkpoint
+	ckptBuf  []byte
+	txBuf    []byte
+	jspare   []byte
+	ckptFull bool // the last checkpoint did not fit its region
+	wantCkpt atomic.Bool
+
+	// failed holds the cause once a metadata write or flush failed: the
+	// engine then refuses changes (ErrReadOnly) and keeps serving reads.
+	failed atomic.Pointer[error]
 
 	kick    chan struct{}
 	stop    chan struct{}
@@ -139,6 +165,7 @@ type Engine struct {
 	bufPool sync.Pool // aligned maxIO buffers for bounce copies
 
 	allocations, devWrites, devReads, devBytesW, devBytesR atomic.Uint64
+	commits, checkpoints, journalBytes, flushes            atomic.Uint64
 }
 
 // alignedBuf returns a buffer aligned for O_DIRECT. directio aligns to 4096,
@@ -190,7 +217,7 @@ func Format(dev Device, opts FormatOptions) error {
 			return fmt.Errorf("format: clear block %d: %w", blk, err)
 		}
 	}
-	c := &checkpoint{Seq: 1, NextObjectID: 1}
+	c := &checkpoint{Seq: 1, NextObjectID: 1, Chain: chainStart(sb.UUID)}
 	data, err := encodeCheckpoint(alignedBuf(bs), c, bs, sb.CkptBlocks)
 	if err != nil {
 		return err
@@ -265,30 +292,6 @@ func readSuperblock(dev Device) (superblock, error) {
 	return superblock{}, fmt.Errorf("superblock A: %w (copy B: %v)", errA, errB)
 }
 
-// readCheckpoint loads and decodes the checkpoint in slot i.
-func (e *Engine) readCheckpoint(i int) (*checkpoint, error) {
-	bs := int64(e.bs)
-	first := alignedBuf(e.bs)
-	if _, err := e.dev.ReadAt(first, e.sb.CkptStart[i]*bs); err != nil {
-		return nil, fmt.Errorf("read checkpoint %c: %w", 'A'+i, err)
-	}
-	_, count, err := ckptHeader(first)
-	if err != nil {
-		return nil, err
-	}
-	if count < 1 || int64(count) > e.sb.CkptBlocks {
-		return nil, fmt.Errorf("%w: checkpoint %c claims %d blocks, the region holds %d", ErrCorrupt, 'A'+i, count, e.sb.CkptBlocks)
-	}
-	data := alignedBuf(count * e.bs)
-	copy(data, first)
-	if count > 1 {
-		if _, err := e.dev.ReadAt(data[e.bs:], (e.sb.CkptStart[i]+1)*bs); err != nil {
-			return nil, fmt.Errorf("read checkpoint %c: %w", 'A'+i, err)
-		}
-	}
-	return decodeCheckpoint(data, e.bs)
-}
-
 // Open opens a formatted device. The caller keeps ownership of dev: Close
 // leaves it open.
 func Open(dev Device, opts Options) (*Engine, error) {
@@ -310,23 +313,22 @@ func Open(dev Device, opts Options) (*Engine, error) {
 	if opts.DirtyLimit >= opts.CacheSize {
 		return nil, fmt.Errorf("%w: DirtyLimit %d must be below CacheSize %d", errInvalid, opts.DirtyLimit, opts.CacheSize)
 	}
-	sb, err := readSuperblock(dev)
+	l, err := load(dev)
 	if err != nil {
 		return nil, err
 	}
-	if dev.Size() < sb.TotalBlocks*int64(sb.BlockSize) {
-		return nil, fmt.Errorf("%w: device has %d bytes, smaller than the %d it was formatted with", ErrCorrupt, dev.Size(), sb.DeviceSize)
-	}
-	if dev.BlockSize() > int(sb.BlockSize) {
-		return nil, fmt.Errorf("%w: device logical block size %d exceeds the engine block size %d", ErrCorrupt, dev.BlockSize(), sb.BlockSize)
-	}
+	sb := l.sb
 	e := &Engine{
 		dev:       dev,
 		sb:        sb,
 		bs:        int(sb.BlockSize),
 		readOnly:  opts.ReadOnly,
-		objects:   make(map[string]*Object),
+		objects:   make(map[string]*Object, len(l.state.byID)),
+		nextID:    l.state.nextID,
 		dirtyObjs: make(map[*Object]struct{}),
+		ring:      l.ring,
+		ckptSlot:  l.ckptSlot,
+		gen:       1,
 		kick:      make(chan struct{}, 1),
 		stop:      make(chan struct{}),
 		bgDone:    make(chan struct{}),
@@ -335,37 +337,15 @@ func Open(dev Device, opts Options) (*Engine, error) {
 		e.shift++
 	}
 	e.bufPool.New = func() any { b := alignedBuf(max(maxIOBytes, e.bs)); return &b }
-
-	// The newest valid checkpoint wins; a torn or damaged one falls back
-	// to the other slot.
-	var best *checkpoint
-	var errs [2]error
-	for i := 0; i < 2; i++ {
-		c, err := e.readCheckpoint(i)
-		errs[i] = err
-		if err == nil && (best == nil || c.Seq > best.Seq) {
-			best, e.ckptSlot = c, i
-		}
+	for _, mo := range l.state.byID {
+		o := e.newObject(mo.id, mo.name)
+		o.size, o.tree = mo.size, mo.tree
+		e.objects[mo.name] = o
 	}
-	if best == nil {
-		return nil, fmt.Errorf("no valid checkpoint: A: %w; B: %v", errs[0], errs[1])
-	}
-	e.ckptSeq, e.nextID = best.Seq, best.NextObjectID
-	e.freeSeq.Store(e.ckptSeq + 1)
-	used := []reserve.Extent{{Start: 0, Len: sb.DataStart}}
-	for _, co := range best.Objects {
-		o := e.newObject(co.ID, co.Name)
-		o.size = co.Size
-		for _, x := range co.Extents {
-			if x.Physical < sb.DataStart || x.Physical+x.Length > sb.TotalBlocks {
-				return nil, fmt.Errorf("%w: object %q: extent at block %d+%d lies outside the data region [%d,%d)", ErrCorrupt, co.Name, x.Physical, x.Length, sb.DataStart, sb.TotalBlocks)
-			}
-			if err := o.tree.MapWritten(x.Logical, x.Length, x.Physical); err != nil {
-				return nil, fmt.Errorf("%w: object %q: %w", ErrCorrupt, co.Name, err)
-			}
-			used = append(used, reserve.Extent{Start: x.Physical, Len: x.Length})
-		}
-		e.objects[co.Name] = o
+	// Free space is derived: everything the metadata does not map.
+	used, err := l.state.usedExtents()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	e.space, err = reserve.NewSpace(sb.TotalBlocks, used)
 	if err != nil {
@@ -426,6 +406,10 @@ func (e *Engine) enterWrite() error {
 		e.exit()
 		return ErrReadOnly
 	}
+	if err := e.failure(); err != nil {
+		e.exit()
+		return err
+	}
 	return nil
 }
 
@@ -447,7 +431,7 @@ func (e *Engine) Create(name string) (*Object, error) {
 	o := e.newObject(e.nextID, name)
 	e.nextID++
 	e.objects[name] = o
-	e.metaDirty.Store(true)
+	e.logOp(jop{kind: opCreate, id: o.id, name: name})
 	return o, nil
 }
 
@@ -499,6 +483,8 @@ func (e *Engine) Remove(name string) error {
 	o, ok := e.objects[name]
 	if ok {
 		delete(e.objects, name)
+		// Logged under e.mu, so a Create reusing the name follows it.
+		e.logOp(jop{kind: opRemove, id: o.id})
 	}
 	e.mu.Unlock()
 	if !ok {
@@ -514,7 +500,6 @@ func (e *Engine) Remove(name string) error {
 	err := o.truncateBlocksLocked(0)
 	o.releaseWindowLocked()
 	e.cache.RemoveObject(o.id)
-	e.metaDirty.Store(true)
 	return err
 }
 
@@ -542,6 +527,11 @@ func (e *Engine) Stats() Stats {
 		DeviceBytesRead:    e.devBytesR.Load(),
 		CacheHits:          cs.Hits,
 		CacheMisses:        cs.Misses,
+
+		Commits:             e.commits.Load(),
+		Checkpoints:         e.checkpoints.Load(),
+		JournalBytesWritten: e.journalBytes.Load(),
+		Flushes:             e.flushes.Load(),
 	}
 }
 
@@ -589,53 +579,151 @@ func cmpErr(a, b error) error {
 	return b
 }
 
-// commit flushes the device and, if metadata changed, writes a checkpoint
-// into the older slot and flushes again. Only then do freed extents become
-// allocatable.
-func (e *Engine) commit(force bool) error {
+// commit makes durable every operation logged and every data write that
+// completed before the call: it flushes the device and writes the pending
+// batch as one journal transaction (or a checkpoint, when ckpt is set or the
+// batch does not fit the ring). Callers that arrive while a commit is in
+// flight wait on syncMu and are usually covered by the next one: a group
+// commit, one flush for many callers. Only after it do extents freed in the
+// batch become allocatable.
+func (e *Engine) commit(ckpt bool) error {
+	e.jmu.Lock()
+	want := e.gen
+	e.jmu.Unlock()
 	e.syncMu.Lock()
 	defer e.syncMu.Unlock()
-	e.gate.Lock()
-	if err := e.flushDevice(); err != nil {
-		e.gate.Unlock()
+	if err := e.failure(); err != nil {
 		return err
 	}
-	if !force && !e.metaDirty.Load() {
-		e.gate.Unlock()
-		return nil
+	if !ckpt && e.doneGen.Load() >= want {
+		return nil // a commit that started after our call covered us
 	}
-	// Clear the flag before the snapshot: a change racing with it sets it
-	// again and is caught by the next commit.
-	e.metaDirty.Store(false)
-	seq := e.ckptSeq + 1
-	// Extents freed from here on may still be in this snapshot: they wait
-	// for the next checkpoint.
-	e.freeSeq.Store(seq + 1)
-	c := e.snapshot()
+	e.gate.Lock()
+	e.jmu.Lock()
+	g, ops, maps := e.gen, e.jops, e.jmaps
+	e.jops, e.jspare, e.jmaps, e.jsince = e.jspare[:0], nil, false, time.Time{}
+	e.gen++
+	e.jmu.Unlock()
+	ckpt = ckpt || !e.ringFits(len(ops))
+	var snap *checkpoint
+	if ckpt {
+		snap = e.snapshot()
+	}
 	e.gate.Unlock()
-	c.Seq = seq
-	data, err := encodeCheckpoint(e.ckptBuf, c, e.bs, e.sb.CkptBlocks)
+
+	var err error
+	switch {
+	case ckpt:
+		err = e.writeCheckpoint(snap)
+		if errors.Is(err, errCkptFull) && e.ringFits(len(ops)) {
+			// Keep going on the journal while it has room; the
+			// checkpoint is retried when it fills.
+			e.ckptFull = true
+			err = e.appendTx(ops, maps)
+		}
+	case len(ops) > 0:
+		err = e.appendTx(ops, maps)
+	default:
+		err = e.flushDevice()
+	}
 	if err != nil {
-		e.metaDirty.Store(true)
-		return fmt.Errorf("%w: %w", ErrNoSpace, err)
+		// What is durable is unknown: refuse further changes rather than
+		// build on metadata that may not be there.
+		return e.shutdown(err)
+	}
+	e.jspare = ops[:0]
+	e.commits.Add(1)
+	e.doneGen.Store(g)
+	e.space.Commit(g)
+	if e.ring.used > e.sb.JournalBlocks/2 && !e.ckptFull {
+		e.wantCkpt.Store(true)
+		e.kickWriteback()
+	}
+	return nil
+}
+
+// ringFits reports whether a transaction of n payload bytes fits the ring
+// without overwriting what the newest checkpoint does not cover. A batch
+// larger than a quarter of the ring goes to a checkpoint instead, which
+// keeps replay bounded.
+func (e *Engine) ringFits(n int) bool {
+	jb := e.sb.JournalBlocks
+	blocks := int64(txBlocks(n, e.bs))
+	waste := int64(0)
+	if e.ring.head+blocks > jb {
+		waste = jb - e.ring.head
+	}
+	return blocks <= max(jb/4, 1) && e.ring.used+waste+blocks <= jb
+}
+
+// appendTx writes ops as the next journal transaction: the data the batch
+// maps is flushed first, the transaction after it (DESIGN.md, writeback
+// step 3).
+func (e *Engine) appendTx(ops []byte, maps bool) error {
+	if maps {
+		if err := e.flushDevice(); err != nil {
+			return err
+		}
+	}
+	jb, bs := e.sb.JournalBlocks, e.bs
+	n := txBlocks(len(ops), bs)
+	pos, waste := e.ring.head, int64(0)
+	if pos+int64(n) > jb {
+		pos, waste = 0, jb-pos
+	}
+	if e.ring.used+waste+int64(n) > jb {
+		panic(fmt.Sprintf("rawblock: journal: a %d-block transaction overruns the ring (%d of %d blocks live)", n, e.ring.used, jb))
+	}
+	if cap(e.txBuf) < n*bs {
+		e.txBuf = alignedBuf(max(n*bs, 16*bs))
+	}
+	buf := e.txBuf[:n*bs]
+	sum := encodeTx(buf, ops, bs, e.ring.seq+1, e.ring.chain, e.sb.UUID)
+	if err := e.writeDev(buf, (e.sb.JournalStart+pos)*int64(bs)); err != nil {
+		return fmt.Errorf("write journal: %w", err)
+	}
+	if err := e.flushDevice(); err != nil {
+		return err
+	}
+	e.journalBytes.Add(uint64(len(buf)))
+	e.ring.head = (pos + int64(n)) % jb
+	e.ring.used += waste + int64(n)
+	e.ring.seq++
+	e.ring.chain = sum
+	return nil
+}
+
+// writeCheckpoint writes snap into the older slot. The flush before it makes
+// the data of every extent it maps durable; the flush after it makes it the
+// newest checkpoint, and the ring's space before its position reusable.
+func (e *Engine) writeCheckpoint(snap *checkpoint) error {
+	snap.Seq = e.ring.seq + 1
+	snap.JournalPos, snap.Chain = e.ring.head, e.ring.chain
+	data, err := encodeCheckpoint(e.ckptBuf, snap, e.bs, e.sb.CkptBlocks)
+	if err != nil {
+		return err
 	}
 	e.ckptBuf = data
-	slot := 1 - e.ckptSlot
-	if err := e.writeDev(data, e.sb.CkptStart[slot]*int64(e.bs)); err != nil {
-		e.metaDirty.Store(true)
-		return fmt.Errorf("write checkpoint: %w", err)
-	}
 	if err := e.flushDevice(); err != nil {
-		e.metaDirty.Store(true)
 		return err
 	}
-	e.ckptSeq, e.ckptSlot = c.Seq, slot
-	e.space.Commit(c.Seq)
+	slot := 1 - e.ckptSlot
+	if err := e.writeDev(data, e.sb.CkptStart[slot]*int64(e.bs)); err != nil {
+		return fmt.Errorf("write checkpoint %c: %w", 'A'+slot, err)
+	}
+	if err := e.flushDevice(); err != nil {
+		return err
+	}
+	e.checkpoints.Add(1)
+	e.ckptSlot = slot
+	e.ring.seq, e.ring.used = snap.Seq, 0
+	e.ckptFull = false
 	return nil
 }
 
 // snapshot captures the durable part of the metadata: names, sizes and
-// Written extents (whose data writeback flushed before marking them).
+// Written extents (whose data writeback completed before marking them; the
+// checkpoint's first flush makes it durable). The caller holds the gate.
 func (e *Engine) snapshot() *checkpoint {
 	e.mu.RLock()
 	objs := make([]*Object, 0, len(e.objects))
@@ -663,8 +751,88 @@ func (e *Engine) snapshot() *checkpoint {
 		o.mu.RUnlock()
 		c.Objects = append(c.Objects, co)
 	}
-	slices.SortFunc(c.Objects, func(a, b ckptObject) int { return int(a.ID - b.ID) })
+	slices.SortFunc(c.Objects, func(a, b ckptObject) int {
+		switch {
+		case a.ID < b.ID:
+			return -1
+		case a.ID > b.ID:
+			return 1
+		}
+		return 0
+	})
 	return c
+}
+
+// logOp appends op to the pending journal batch. Callers hold the lock
+// that orders the change in memory (the object's mu, or e.mu for names),
+// so the batch lists changes in the order they were made.
+func (e *Engine) logOp(op jop) {
+	e.jmu.Lock()
+	e.logLocked(op)
+	e.jmu.Unlock()
+}
+
+func (e *Engine) logLocked(op jop) {
+	if len(e.jops) == 0 {
+		e.jsince = time.Now()
+	}
+	e.jops = appendOp(e.jops, op)
+	if op.kind == opMap {
+		e.jmaps = true
+	}
+}
+
+// logSize logs o's new size. One size operation per object and batch is
+// enough: sizes are last-writer-wins, so a later change rewrites it in place.
+// The caller holds o.mu.
+func (e *Engine) logSize(o *Object) {
+	e.jmu.Lock()
+	defer e.jmu.Unlock()
+	if o.sizeGen == e.gen {
+		binary.LittleEndian.PutUint64(e.jops[o.sizeOff+9:], uint64(o.size))
+		return
+	}
+	o.sizeGen, o.sizeOff = e.gen, len(e.jops)
+	e.logLocked(jop{kind: opSize, id: o.id, size: o.size})
+}
+
+// logFree logs that o's blocks [start, start+n) became a hole and frees the
+// device extents they held. The extents stay busy until the batch carrying
+// the operation is durable. The caller holds o.mu.
+func (e *Engine) logFree(o *Object, start, n int64, freed []extenttree.PhysExtent) {
+	e.jmu.Lock()
+	defer e.jmu.Unlock()
+	if !o.removed && len(freed) > 0 {
+		e.logLocked(jop{kind: opUnmap, id: o.id, logical: start, length: n})
+	}
+	for _, x := range freed {
+		if err := e.space.Free(reserve.Extent{Start: x.Start, Len: x.Len}, e.gen); err != nil {
+			panic(fmt.Sprintf("rawblock: object %q: free %v: %v", o.name, x, err))
+		}
+	}
+}
+
+// pendingOps reports the size and age of the pending batch.
+func (e *Engine) pendingOps() (int, time.Time) {
+	e.jmu.Lock()
+	defer e.jmu.Unlock()
+	return len(e.jops), e.jsince
+}
+
+// shutdown records the first metadata write failure and returns the error
+// every later change gets.
+func (e *Engine) shutdown(cause error) error {
+	err := fmt.Errorf("%w: shut down after a metadata write failed: %w", ErrReadOnly, cause)
+	e.failed.CompareAndSwap(nil, &err)
+	return *e.failed.Load()
+}
+
+// failure returns the shutdown error, if the engine shut down.
+func (e *Engine) failure() error {
+	if p := e.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // Close writes everything back, writes a final checkpoint and releases the
@@ -745,6 +913,16 @@ func (e *Engine) background() {
 		if !all {
 			e.releaseIdleWindows(now)
 		}
+		// Metadata too is made durable in the background: when the ring
+		// is half full (a checkpoint), or when the pending batch grew large
+		// or old, so memory and the loss window stay bounded.
+		n, since := e.pendingOps()
+		switch {
+		case e.wantCkpt.Swap(false):
+			_ = e.commit(true)
+		case n > bgCommitBytes || (n > 0 && now.Sub(since) > dirtyExpire):
+			_ = e.commit(false)
+		}
 	}
 }
 
@@ -798,6 +976,7 @@ func (e *Engine) objectList() []*Object {
 }
 
 func (e *Engine) flushDevice() error {
+	e.flushes.Add(1)
 	if err := e.dev.Flush(); err != nil {
 		return fmt.Errorf("flush device: %w", err)
 	}

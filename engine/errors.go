@@ -20,4 +20,8 @@ var (
 	// ErrReadOnly is returned by calls that would modify an engine opened
 	// read-only, or one that has shut itself down after a metadata I/O error.
 	ErrReadOnly = errors.New("rawblock: read-only")
+	// ErrMetadataFull is returned when the metadata region (journal and
+	// checkpoints) cannot hold another object or extent. Data space may
+	// remain; removing objects or coarser writes make room.
+	ErrMetadataFull = errors.New("rawblock: metadata region full")
 )

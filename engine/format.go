@@ -189,15 +189,19 @@ func layout(size int64, devBS, bs int, metadataSize int64) (superblock, error) {
 const (
 	ckptMagic     = 0x4b434252 // "RBCK"
 	ckptHeaderLen = 24
-	ckptVersion   = 1
+	ckptVersion   = 2
 	// extentRecLen is the encoded size of one extent: logical, physical, length.
 	extentRecLen = 24
 )
 
-// checkpoint is a full snapshot of the metadata at sequence Seq.
+// checkpoint is a full snapshot of the metadata at sequence Seq. The
+// journal continues after it with transaction Seq+1 at block JournalPos of
+// the ring, chained to Chain.
 type checkpoint struct {
 	Seq          uint64
 	NextObjectID uint64
+	JournalPos   int64
+	Chain        uint32
 	Objects      []ckptObject
 }
 
@@ -211,7 +215,7 @@ type ckptObject struct {
 type ckptExtent struct{ Logical, Physical, Length int64 } // blocks
 
 // errCkptFull reports that a checkpoint does not fit its region.
-var errCkptFull = errors.New("metadata region full")
+var errCkptFull = ErrMetadataFull
 
 // encodeCheckpoint serialises c into whole blocks of size bs, at most
 // maxBlocks of them, appending to dst (which is reused when large enough).
@@ -220,6 +224,8 @@ func encodeCheckpoint(dst []byte, c *checkpoint, bs int, maxBlocks int64) ([]byt
 	payload := make([]byte, 0, 64+len(c.Objects)*64)
 	payload = le.AppendUint32(payload, ckptVersion)
 	payload = le.AppendUint64(payload, c.NextObjectID)
+	payload = le.AppendUint64(payload, uint64(c.JournalPos))
+	payload = le.AppendUint32(payload, c.Chain)
 	payload = le.AppendUint32(payload, uint32(len(c.Objects)))
 	for i := range c.Objects {
 		o := &c.Objects[i]
@@ -320,10 +326,13 @@ func decodeCheckpoint(data []byte, bs int) (*checkpoint, error) {
 		}
 		return nil, bad("payload version %d", v)
 	}
-	c := &checkpoint{Seq: seq, NextObjectID: r.u64()}
+	c := &checkpoint{Seq: seq, NextObjectID: r.u64(), JournalPos: int64(r.u64()), Chain: r.u32()}
 	nobj := int(r.u32())
 	if r.err != nil {
 		return nil, bad("truncated header")
+	}
+	if c.JournalPos < 0 || c.NextObjectID == 0 || c.NextObjectID >= 1<<62 {
+		return nil, bad("journal position %d, next object id %d", c.JournalPos, c.NextObjectID)
 	}
 	// Each object takes at least 22 bytes; refuse counts the payload cannot hold.
 	if nobj > r.remaining()/22 {

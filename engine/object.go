@@ -41,6 +41,10 @@ type Object struct {
 	lastFlush  time.Time
 	window     reserve.Extent // speculative preallocation after the last extent
 	wbErr      error          // a writeback failure not yet reported by a Sync
+	// sizeGen and sizeOff locate this object's size operation in the
+	// pending journal batch of generation sizeGen (guarded by e.jmu).
+	sizeGen uint64
+	sizeOff int
 
 	raNext atomic.Int64 // block a sequential reader asks for next
 	raLen  atomic.Int64 // current readahead window, in blocks
@@ -359,7 +363,7 @@ func (o *Object) recordLocked(b0, b1, end, reserved int64) int64 {
 	}
 	if end > o.size {
 		o.size = end
-		o.e.metaDirty.Store(true)
+		o.e.logSize(o)
 	}
 	o.markDirtyLocked()
 	return n
@@ -684,7 +688,7 @@ func (o *Object) Truncate(size int64) error {
 		o.releaseWindowLocked()
 	}
 	o.size = size
-	e.metaDirty.Store(true)
+	e.logSize(o)
 	return nil
 }
 
@@ -726,7 +730,7 @@ func (o *Object) PunchHole(off, length int64) error {
 		if err != nil {
 			panic(fmt.Sprintf("rawblock: object %q: punch %d+%d: %v", o.name, first, last-first, err))
 		}
-		o.freeLocked(freed, dropped)
+		o.freeLocked(first, last-first, freed, dropped)
 		for b, pg := range o.dirty {
 			if b >= first && b < last {
 				delete(o.dirty, b)
@@ -788,28 +792,23 @@ func (o *Object) truncateBlocksLocked(nb int64) error {
 	if err != nil {
 		return fmt.Errorf("truncate %q: %w", o.name, err)
 	}
-	o.freeLocked(freed, dropped)
+	o.freeLocked(nb, extenttree.BlockLimit-nb, freed, dropped)
 	o.dropPagesLocked(nb)
 	o.e.cache.RemoveRange(o.id, nb, max(0, (o.size+int64(o.e.bs)-1)>>o.e.shift-nb))
 	return nil
 }
 
-func (o *Object) freeLocked(freed []extenttree.PhysExtent, dropped int64) {
+// freeLocked gives back what [start, start+n) held: the delalloc
+// reservation at once, the device extents once the journal batch recording
+// the change is durable.
+func (o *Object) freeLocked(start, n int64, freed []extenttree.PhysExtent, dropped int64) {
 	e := o.e
 	if dropped > 0 {
 		if err := e.space.Unreserve(dropped); err != nil {
 			panic(fmt.Sprintf("rawblock: object %q: give back %d delalloc blocks: %v", o.name, dropped, err))
 		}
 	}
-	seq := e.freeSeq.Load()
-	for _, x := range freed {
-		if err := e.space.Free(reserve.Extent{Start: x.Start, Len: x.Len}, seq); err != nil {
-			panic(fmt.Sprintf("rawblock: object %q: free %v: %v", o.name, x, err))
-		}
-	}
-	if len(freed) > 0 {
-		e.metaDirty.Store(true)
-	}
+	e.logFree(o, start, n, freed)
 }
 
 // dropPagesLocked releases dirty pages at and past block nb. No writeback
@@ -923,7 +922,7 @@ func (o *Object) writeback() error {
 		// Free space may be held by windows or busy until a checkpoint.
 		o.mu.Unlock()
 		e.releaseAllWindows()
-		if cerr := e.commit(true); cerr != nil {
+		if cerr := e.commit(false); cerr != nil {
 			return cerr
 		}
 		o.mu.Lock()
@@ -1007,13 +1006,17 @@ func (o *Object) writeback() error {
 		o.wbErr = err
 		return err
 	}
+	// Log the mappings in the order they become Written, under the gate
+	// (see commit) and o.mu.
+	var segs2 []extenttree.Segment
 	for _, r := range unwritten {
+		segs2 = o.tree.Lookup(segs2[:0], r.Start, r.Len)
 		if serr := o.tree.SetWritten(r.Start, r.Len); serr != nil {
 			panic(fmt.Sprintf("rawblock: object %q: mark written %d+%d: %v", o.name, r.Start, r.Len, serr))
 		}
-	}
-	if len(unwritten) > 0 {
-		e.metaDirty.Store(true)
+		for _, sg := range segs2 {
+			e.logOp(jop{kind: opMap, id: o.id, logical: sg.Start, physical: sg.Phys, length: sg.Len})
+		}
 	}
 	if len(o.dirty) > 0 {
 		o.markDirtyLocked()

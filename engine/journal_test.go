@@ -1,0 +1,363 @@
+package engine
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+)
+
+// cloneDevice copies a MemDevice: what a crash at this instant would leave,
+// since a MemDevice has no volatile cache.
+func cloneDevice(t testing.TB, dev Device) Device {
+	t.Helper()
+	out := NewMemDevice(dev.Size(), dev.BlockSize())
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < dev.Size(); off += int64(len(buf)) {
+		n := min(int64(len(buf)), dev.Size()-off)
+		if _, err := dev.ReadAt(buf[:n], off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf[:n], make([]byte, n)) {
+			if _, err := out.WriteAt(buf[:n], off); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return out
+}
+
+// verifyModel checks that every object of e reads exactly as in m, and that
+// e has no other objects.
+func verifyModel(t testing.TB, e *Engine, m map[string][]byte) {
+	t.Helper()
+	names := e.Objects()
+	if len(names) != len(m) {
+		t.Fatalf("objects %v, want %d of them", names, len(m))
+	}
+	for name, want := range m {
+		o, err := e.Object(name)
+		if err != nil {
+			t.Fatalf("object %q: %v", name, err)
+		}
+		if o.Size() != int64(len(want)) {
+			t.Fatalf("object %q: size %d, want %d", name, o.Size(), len(want))
+		}
+		got := make([]byte, len(want))
+		if n, err := o.ReadAt(got, 0); n != len(want) || (err != nil && n != len(got)) {
+			t.Fatalf("object %q: read %d, %v", name, n, err)
+		}
+		if !bytes.Equal(got, want) {
+			i := 0
+			for i < len(got) && got[i] == want[i] {
+				i++
+			}
+			t.Fatalf("object %q: differs from byte %d (size %d)", name, i, len(want))
+		}
+	}
+}
+
+// TestJournalRecovery runs random changes with a small journal (so it wraps
+// and checkpoints often), and after every Engine.Sync opens a copy of the
+// device as a crash would leave it: it must hold exactly the synced state.
+func TestJournalRecovery(t *testing.T) {
+	for _, seed := range []uint64{1, 2, 3} {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(seed, 7))
+			dev := NewMemDevice(32<<20, 512)
+			if err := Format(dev, FormatOptions{MetadataSize: 256 << 10}); err != nil {
+				t.Fatal(err)
+			}
+			e, err := Open(dev, Options{CacheSize: 4 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			model := map[string][]byte{}
+			steps := 300
+			if testing.Short() {
+				steps = 120
+			}
+			for step := 0; step < steps; step++ {
+				name := fmt.Sprintf("o%d", rng.IntN(6))
+				switch k := rng.IntN(10); {
+				case k == 0:
+					if _, ok := model[name]; ok {
+						if err := e.Remove(name); err != nil {
+							t.Fatal(err)
+						}
+						delete(model, name)
+					}
+				case k == 1:
+					if o, err := e.Object(name); err == nil {
+						size := rng.Int64N(int64(len(model[name])) + 1)
+						if rng.IntN(3) == 0 {
+							size = int64(len(model[name])) + rng.Int64N(20000)
+						}
+						if err := o.Truncate(size); err != nil {
+							t.Fatal(err)
+						}
+						b := model[name]
+						if size <= int64(len(b)) {
+							model[name] = b[:size]
+						} else {
+							model[name] = append(b, make([]byte, size-int64(len(b)))...)
+						}
+					}
+				case k == 2:
+					if o, err := e.Object(name); err == nil && len(model[name]) > 0 {
+						b := model[name]
+						off := rng.Int64N(int64(len(b)))
+						n := rng.Int64N(int64(len(b))-off) + 1
+						if err := o.PunchHole(off, n); err != nil {
+							t.Fatal(err)
+						}
+						clear(b[off : off+n])
+					}
+				default:
+					o, err := e.Object(name)
+					if err != nil {
+						if o, err = e.Create(name); err != nil {
+							t.Fatal(err)
+						}
+						model[name] = nil
+					}
+					off := rng.Int64N(200000)
+					p := make([]byte, rng.IntN(30000)+1)
+					for i := range p {
+						p[i] = byte(rng.IntN(255) + 1)
+					}
+					if _, err := o.WriteAt(p, off); err != nil {
+						t.Fatal(err)
+					}
+					b := model[name]
+					if end := off + int64(len(p)); end > int64(len(b)) {
+						b = append(b, make([]byte, end-int64(len(b)))...)
+					}
+					copy(b[off:], p)
+					model[name] = b
+				}
+				if rng.IntN(4) == 0 {
+					if err := e.Sync(); err != nil {
+						t.Fatal(err)
+					}
+					crashed := cloneDevice(t, dev)
+					e2, err := Open(crashed, Options{CacheSize: 4 << 20, ReadOnly: true})
+					if err != nil {
+						t.Fatalf("step %d: open after crash: %v", step, err)
+					}
+					verifyModel(t, e2, model)
+					checkInvariants(t, e2)
+					e2.Close()
+				}
+			}
+			if st := e.Stats(); st.Checkpoints == 0 {
+				t.Fatalf("no checkpoint was written: the ring never filled (stats %+v)", st)
+			}
+		})
+	}
+}
+
+// TestJournalSyncCost: a 4 KiB write + Object.Sync writes at most two
+// journal blocks, however many objects exist.
+func TestJournalSyncCost(t *testing.T) {
+	dev := NewMemDevice(64<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+	defer e.Close()
+	for i := 0; i < 2000; i++ {
+		if _, err := e.Create(fmt.Sprintf("obj-%05d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	o, _ := e.Object("obj-01000")
+	p := bytes.Repeat([]byte{7}, 4096)
+	for i := 0; i < 20; i++ {
+		before := e.Stats()
+		if _, err := o.WriteAt(p, int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
+		if err := o.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		after := e.Stats()
+		if d := after.JournalBytesWritten - before.JournalBytesWritten; d > 2*4096 || d == 0 {
+			t.Fatalf("write %d: %d journal bytes for one 4 KiB write + Sync", i, d)
+		}
+	}
+}
+
+// TestCleanCloseNothingToReplay: Close checkpoints, so the next open replays
+// no transaction.
+func TestCleanCloseNothingToReplay(t *testing.T) {
+	dev := NewMemDevice(32<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 4 << 20})
+	o, _ := e.Create("a")
+	for i := 0; i < 10; i++ {
+		o.WriteAt([]byte("hello"), int64(i)*10000)
+		if err := o.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := load(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.ring.txs == 0 {
+		t.Fatal("Syncs left nothing in the journal")
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if l, err = load(dev); err != nil {
+		t.Fatal(err)
+	}
+	if l.ring.txs != 0 {
+		t.Fatalf("clean close left %d transactions to replay", l.ring.txs)
+	}
+}
+
+// TestJournalTornTail: damaging the newest transaction loses only it; the
+// state before it opens.
+func TestJournalTornTail(t *testing.T) {
+	dev := NewMemDevice(32<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 4 << 20})
+	defer e.Close()
+	o, _ := e.Create("a")
+	o.WriteAt([]byte("first"), 0)
+	if err := o.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	head := e.ring.head
+	o.WriteAt([]byte("second"), 100)
+	if err := o.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	crashed := cloneDevice(t, dev)
+	// Flip a byte inside the second transaction.
+	blk := make([]byte, 4096)
+	off := (e.sb.JournalStart + head) * 4096
+	crashed.ReadAt(blk, off)
+	blk[txHeaderLen+3] ^= 0xff
+	crashed.WriteAt(blk, off)
+	e2, err := Open(crashed, Options{CacheSize: 4 << 20, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e2.Close()
+	o2, err := e2.Object("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o2.Size() != 5 {
+		t.Fatalf("size %d after losing the torn tail, want 5", o2.Size())
+	}
+}
+
+// flushDelayDevice makes Flush slow, as on a real disk, so concurrent Syncs
+// overlap.
+type flushDelayDevice struct {
+	Device
+	delay   time.Duration
+	mu      sync.Mutex
+	flushes int
+}
+
+func (d *flushDelayDevice) Flush() error {
+	d.mu.Lock()
+	d.flushes++
+	d.mu.Unlock()
+	time.Sleep(d.delay)
+	return d.Device.Flush()
+}
+
+// TestGroupCommit: 16 goroutines each writing and syncing their own object
+// share commits.
+func TestGroupCommit(t *testing.T) {
+	dev := &flushDelayDevice{Device: NewMemDevice(64<<20, 4096), delay: 2 * time.Millisecond}
+	e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+	defer e.Close()
+	const workers, rounds = 16, 20
+	var wg sync.WaitGroup
+	before := e.Stats()
+	for w := 0; w < workers; w++ {
+		o, err := e.Create(fmt.Sprint("w", w))
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := make([]byte, 4096)
+			for i := 0; i < rounds; i++ {
+				binary.LittleEndian.PutUint64(p, uint64(i))
+				if _, err := o.WriteAt(p, int64(i)*4096); err != nil {
+					t.Error(err)
+					return
+				}
+				if err := o.Sync(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	commits := e.Stats().Commits - before.Commits
+	if commits >= workers*rounds/2 {
+		t.Fatalf("%d commits for %d Syncs: concurrent Syncs did not share commits", commits, workers*rounds)
+	}
+	t.Logf("%d commits for %d Syncs", commits, workers*rounds)
+}
+
+// FuzzJournalTx feeds arbitrary bytes to the transaction decoder and replays
+// what decodes onto a small state: nothing may panic or allocate without
+// bound.
+func FuzzJournalTx(f *testing.F) {
+	sb, err := layout(64<<20, 512, 512, 0)
+	if err != nil {
+		f.Fatal(err)
+	}
+	var ops []byte
+	ops = appendOp(ops, jop{kind: opCreate, id: 1, name: "a"})
+	ops = appendOp(ops, jop{kind: opSize, id: 1, size: 5000})
+	ops = appendOp(ops, jop{kind: opMap, id: 1, logical: 0, physical: sb.DataStart, length: 4})
+	ops = appendOp(ops, jop{kind: opUnmap, id: 1, logical: 2, length: 1})
+	ops = appendOp(ops, jop{kind: opRemove, id: 1})
+	tx := make([]byte, txBlocks(len(ops), 512)*512)
+	encodeTx(tx, ops, 512, 2, 7, sb.UUID)
+	f.Add(tx)
+	f.Add(tx[:512])
+	f.Add(make([]byte, 512))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) < 512 {
+			return
+		}
+		h, err := parseTxHeader(data[:512])
+		if err != nil {
+			return
+		}
+		if h.blocks*512 > len(data) {
+			return
+		}
+		payload, err := verifyTx(data[:h.blocks*512], h)
+		if err != nil {
+			// Exercise the operation decoder on unchecked bytes too.
+			payload = data[txHeaderLen:]
+		}
+		m, err := newMetaState(&sb, &checkpoint{NextObjectID: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if decodeOps(payload, m.apply) == nil {
+			if _, err := m.usedExtents(); err != nil {
+				return
+			}
+		}
+	})
+}
