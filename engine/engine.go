@@ -240,13 +240,14 @@ func Format(dev Device, opts FormatOptions) error {
 	return nil
 }
 
-// readSuperblock finds the newest valid superblock copy. Copy A is at byte 0;
-// copy B is one engine block further, so when A is unreadable every possible
-// block size is tried for B.
-func readSuperblock(dev Device) (superblock, error) {
+// readSuperblocks reads and decodes both superblock copies. Copy A is at
+// byte 0; copy B is one engine block further, so when A is unreadable every
+// possible block size is tried for B.
+func readSuperblocks(dev Device) (sbs [2]superblock, errs [2]error) {
 	devBS := dev.BlockSize()
 	if devBS <= 0 || devBS > MaxBlockSize || !isPow2(uint64(devBS)) {
-		return superblock{}, fmt.Errorf("%w: device block size %d", errInvalid, devBS)
+		err := fmt.Errorf("%w: device block size %d", errInvalid, devBS)
+		return sbs, [2]error{err, err}
 	}
 	buf := alignedBuf(max(devBS, superblockLen))
 	buf = buf[:devBS*((superblockLen+devBS-1)/devBS)]
@@ -254,26 +255,34 @@ func readSuperblock(dev Device) (superblock, error) {
 		if off+int64(len(buf)) > dev.Size() {
 			return superblock{}, errNotFormatted
 		}
-		if _, err := dev.ReadAt(buf, off); err != nil {
+		if err := readFull(dev, buf, off); err != nil {
 			return superblock{}, fmt.Errorf("read superblock at %d: %w", off, err)
 		}
 		return decodeSuperblock(buf)
 	}
-	a, errA := read(0)
-	var b superblock
-	var errB error = errNotFormatted
-	if errA == nil {
-		b, errB = read(int64(a.BlockSize))
-	} else {
-		for bs := max(devBS, MinBlockSize); bs <= MaxBlockSize; bs *= 2 {
-			if s, err := read(int64(bs)); err == nil && int(s.BlockSize) == bs {
-				b, errB = s, nil
-				break
-			} else if !errors.Is(err, errNotFormatted) {
-				errB = err
-			}
+	sbs[0], errs[0] = read(0)
+	errs[1] = errNotFormatted
+	if errs[0] == nil {
+		sbs[1], errs[1] = read(int64(sbs[0].BlockSize))
+		return sbs, errs
+	}
+	for bs := max(devBS, MinBlockSize); bs <= MaxBlockSize; bs *= 2 {
+		if s, err := read(int64(bs)); err == nil && int(s.BlockSize) == bs {
+			sbs[1], errs[1] = s, nil
+			break
+		} else if !errors.Is(err, errNotFormatted) {
+			errs[1] = err
 		}
 	}
+	return sbs, errs
+}
+
+// readSuperblock finds the newest valid superblock copy. Copy A is at byte 0;
+// copy B is one engine block further, so when A is unreadable every possible
+// block size is tried for B.
+func readSuperblock(dev Device) (superblock, error) {
+	sbs, errs := readSuperblocks(dev)
+	a, b, errA, errB := sbs[0], sbs[1], errs[0], errs[1]
 	switch {
 	case errA == nil && errB == nil:
 		if b.Generation > a.Generation {

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bytes"
+	"errors"
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
@@ -145,6 +146,9 @@ func TestJournalRecovery(t *testing.T) {
 						t.Fatal(err)
 					}
 					crashed := cloneDevice(t, dev)
+					if rep, err := Check(crashed); err != nil {
+						t.Fatalf("step %d: check after crash: %v (%v)", step, err, rep.Problems)
+					}
 					e2, err := Open(crashed, Options{CacheSize: 4 << 20, ReadOnly: true})
 					if err != nil {
 						t.Fatalf("step %d: open after crash: %v", step, err)
@@ -360,4 +364,44 @@ func FuzzJournalTx(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestCheckFindsProblems: Check reports a clean device as clean, and a
+// checkpoint whose objects share device blocks, or map past their size, as
+// corrupt with each problem listed.
+func TestCheckFindsProblems(t *testing.T) {
+	dev := NewMemDevice(32<<20, 4096)
+	e := mustFormatOpen(t, dev, Options{CacheSize: 4 << 20})
+	o, _ := e.Create("a")
+	o.WriteAt(bytes.Repeat([]byte{1}, 3*4096), 0)
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Check(dev)
+	if err != nil {
+		t.Fatalf("clean device: %v %v", err, rep.Problems)
+	}
+	if rep.ObjectCount != 1 || rep.ExtentCount != 1 || rep.UsedBlocks != 3 || rep.FreeBlocks != rep.Layout.DataBlocks-3 {
+		t.Fatalf("report %+v", rep)
+	}
+	l, _ := load(dev)
+	ds := l.sb.DataStart
+	bad := &checkpoint{Seq: l.ckpt.Seq + 10, NextObjectID: 3, JournalPos: l.ring.head, Chain: 1, Objects: []ckptObject{
+		{ID: 1, Name: "a", Size: 3 * 4096, Extents: []ckptExtent{{0, ds, 3}}},
+		{ID: 2, Name: "b", Size: 2 * 4096, Extents: []ckptExtent{{0, ds + 2, 2}}},
+	}}
+	data, err := encodeCheckpoint(nil, bad, 4096, l.sb.CkptBlocks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dev.WriteAt(data, l.sb.CkptStart[1-l.ckptSlot]*4096); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = Check(dev)
+	if !errors.Is(err, ErrCorrupt) || len(rep.Problems) == 0 {
+		t.Fatalf("overlapping extents: err %v, problems %v", err, rep.Problems)
+	}
+	if _, err := Open(dev, Options{CacheSize: 4 << 20}); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Open of a device whose objects share blocks: %v", err)
+	}
 }

@@ -127,32 +127,44 @@ func (m *metaState) objects() []*metaObj {
 }
 
 // usedExtents lists the metadata region and every mapped extent; it checks
-// that each object's map is sane and covered by its size.
+// that each object's map is sane and covered by its size, and fails on the
+// first problem.
 func (m *metaState) usedExtents() ([]reserve.Extent, error) {
+	var first error
+	used := m.scan(func(err error) {
+		if first == nil {
+			first = err
+		}
+	})
+	return used, first
+}
+
+// scan is usedExtents reporting every problem to problem.
+func (m *metaState) scan(problem func(error)) []reserve.Extent {
 	used := []reserve.Extent{{Start: 0, Len: m.sb.DataStart}}
 	bs := int64(m.sb.BlockSize)
 	for _, o := range m.objects() {
 		if err := o.tree.Check(); err != nil {
-			return nil, fmt.Errorf("object %q: extent map: %w", o.name, err)
+			problem(fmt.Errorf("object %q: extent map: %w", o.name, err))
+			continue
 		}
-		var bad error
 		o.tree.All(func(s extenttree.Segment) bool {
 			if s.State != extenttree.Written {
-				bad = fmt.Errorf("object %q: blocks %d+%d are %v in durable metadata", o.name, s.Start, s.Len, s.State)
-				return false
+				problem(fmt.Errorf("object %q: blocks %d+%d are %v in durable metadata", o.name, s.Start, s.Len, s.State))
+				return true
 			}
 			if s.End() > (o.size+bs-1)/bs {
-				bad = fmt.Errorf("object %q: extent %d+%d lies past its size %d", o.name, s.Start, s.Len, o.size)
-				return false
+				problem(fmt.Errorf("object %q: extent %d+%d lies past its size %d", o.name, s.Start, s.Len, o.size))
+			}
+			if err := m.checkPhys(s.Phys, s.Len); err != nil {
+				problem(fmt.Errorf("object %q: %w", o.name, err))
+				return true
 			}
 			used = append(used, reserve.Extent{Start: s.Phys, Len: s.Len})
 			return true
 		})
-		if bad != nil {
-			return nil, bad
-		}
 	}
-	return used, nil
+	return used
 }
 
 // ringPos is where the journal stands: the next transaction's place and
