@@ -99,6 +99,9 @@ type Stats struct {
 	// Metadata: commits (journal transactions, checkpoints or bare
 	// flushes), checkpoints written, journal bytes written, device flushes.
 	Commits, Checkpoints, JournalBytesWritten, Flushes uint64
+	// JournalUsedBytes of JournalBytes of the ring hold transactions not
+	// yet covered by a checkpoint: what an Open after a crash replays.
+	JournalUsedBytes, JournalBytes int64
 }
 
 // errInvalid is the root of bad-argument errors; it matches fs.ErrInvalid.
@@ -166,6 +169,7 @@ type Engine struct {
 
 	allocations, devWrites, devReads, devBytesW, devBytesR atomic.Uint64
 	commits, checkpoints, journalBytes, flushes            atomic.Uint64
+	ringUsed                                               atomic.Int64 // ring.used, for Stats
 }
 
 // alignedBuf returns a buffer aligned for O_DIRECT. directio aligns to 4096,
@@ -345,6 +349,7 @@ func Open(dev Device, opts Options) (*Engine, error) {
 	for 1<<e.shift < e.bs {
 		e.shift++
 	}
+	e.ringUsed.Store(e.ring.used)
 	e.bufPool.New = func() any { b := alignedBuf(max(maxIOBytes, e.bs)); return &b }
 	for _, mo := range l.state.byID {
 		o := e.newObject(mo.id, mo.name)
@@ -541,6 +546,8 @@ func (e *Engine) Stats() Stats {
 		Checkpoints:         e.checkpoints.Load(),
 		JournalBytesWritten: e.journalBytes.Load(),
 		Flushes:             e.flushes.Load(),
+		JournalUsedBytes:    e.ringUsed.Load() * bs,
+		JournalBytes:        e.sb.JournalBlocks * bs,
 	}
 }
 
@@ -697,6 +704,7 @@ func (e *Engine) appendTx(ops []byte, maps bool) error {
 	e.journalBytes.Add(uint64(len(buf)))
 	e.ring.head = (pos + int64(n)) % jb
 	e.ring.used += waste + int64(n)
+	e.ringUsed.Store(e.ring.used)
 	e.ring.seq++
 	e.ring.chain = sum
 	return nil
@@ -726,6 +734,7 @@ func (e *Engine) writeCheckpoint(snap *checkpoint) error {
 	e.checkpoints.Add(1)
 	e.ckptSlot = slot
 	e.ring.seq, e.ring.used = snap.Seq, 0
+	e.ringUsed.Store(0)
 	e.ckptFull = false
 	return nil
 }
