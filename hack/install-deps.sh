@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # install-deps.sh: install the tools rawblock's tests and benchmarks use
-# (fio, mkfs.xfs, mkfs.ext4, losetup/fallocate, python3) from Debian packages.
+# (fio, mkfs.xfs, mkfs.ext4, losetup/fallocate, python3, and the NBD clients
+# and peer server rawblockd is tested and measured with: nbdinfo/nbdfuse,
+# nbdkit, qemu-img, fusermount3) from Debian packages.
 # Idempotent: a package is installed only when its command is missing, and
 # apt-get update runs at most once per invocation.
 set -euo pipefail
@@ -13,6 +15,11 @@ declare -A want=(
 	[losetup]=util-linux
 	[fallocate]=util-linux
 	[python3]=python3
+	[nbdinfo]=libnbd-bin
+	[nbdfuse]=libnbd-bin
+	[nbdkit]=nbdkit
+	[qemu-img]=qemu-utils
+	[fusermount3]=fuse3
 )
 
 missing=()

@@ -1,0 +1,496 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rawblock/rawblock/engine"
+)
+
+// The transmission phase. One goroutine (the reader) reads requests and
+// their payloads; each request then runs on its own goroutine, at most
+// ConnRequests at once, and answers when it is done, so replies go out in
+// completion order, matched to requests by handle. Replies are written
+// under one mutex; a reply that finds others waiting for the mutex leaves
+// the socket write to the last of them, so a burst of completions costs
+// one write system call.
+
+const (
+	// replyBuf is the size of the buffer replies are gathered in; larger
+	// read data goes out in the same writev as the buffered bytes.
+	replyBuf = 64 << 10
+	// chunkBytesIO bounds one engine call of a NO_HOLE WRITE_ZEROES or a
+	// CACHE, so a large request does not need a large buffer.
+	chunkBytesIO = 1 << 20
+	// maxErrorMessage bounds the message of a structured error chunk.
+	maxErrorMessage = 1024
+)
+
+// zeros is the source of WRITE_ZEROES with NO_HOLE; never written.
+var zeros = make([]byte, chunkBytesIO)
+
+// errNoDisc: the client closed the connection without NBD_CMD_DISC.
+var errNoDisc = errors.New("client closed the connection without NBD_CMD_DISC")
+
+// replyWriter serializes replies on one connection.
+type replyWriter struct {
+	c       *conn
+	mu      sync.Mutex
+	waiting atomic.Int32
+	buf     []byte
+	vec     net.Buffers
+	err     error
+}
+
+// send writes one reply: hdr (small) and data (any size, may be nil).
+// It returns once the bytes are written or buffered for a waiting sender
+// to write; data may be reused when it returns.
+func (w *replyWriter) send(hdr, data []byte) error {
+	w.waiting.Add(1)
+	w.mu.Lock()
+	w.waiting.Add(-1)
+	defer w.mu.Unlock()
+	if w.err != nil {
+		return w.err
+	}
+	if len(w.buf)+len(hdr)+len(data) <= cap(w.buf) {
+		w.buf = append(w.buf, hdr...)
+		w.buf = append(w.buf, data...)
+		if w.waiting.Load() > 0 {
+			// A sender is waiting for the mutex: it will write our
+			// bytes with its own.
+			return nil
+		}
+		return w.flushLocked(nil, nil)
+	}
+	return w.flushLocked(hdr, data)
+}
+
+// flushLocked writes the buffered bytes, then hdr and data, in one writev.
+func (w *replyWriter) flushLocked(hdr, data []byte) error {
+	w.vec = w.vec[:0]
+	for _, b := range [][]byte{w.buf, hdr, data} {
+		if len(b) > 0 {
+			w.vec = append(w.vec, b)
+		}
+	}
+	w.c.writeSince.Store(w.c.s.now())
+	v := w.vec // WriteTo consumes the slice header it is called on
+	_, err := v.WriteTo(w.c.nc)
+	w.c.writeSince.Store(0)
+	w.buf = w.buf[:0]
+	clear(w.vec[:cap(w.vec)])
+	if err != nil {
+		w.err = err
+		// The client can no longer be answered: stop reading from it too.
+		w.c.nc.Close()
+	}
+	return err
+}
+
+// transmit serves requests for ex until the client disconnects. It
+// returns nil after NBD_CMD_DISC or a server shutdown, an error when the
+// connection ended otherwise. Every request it started has finished when
+// it returns.
+func (c *conn) transmit(ex *export) error {
+	s := c.s
+	rw := &replyWriter{c: c, buf: make([]byte, 0, replyBuf)}
+	slots := make(chan struct{}, s.cfg.ConnRequests)
+	connBudget := newBudget(s.cfg.ConnBytes)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	var hdr [requestBytes]byte
+	for {
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			wg.Wait()
+			switch {
+			case c.isStopping():
+				return nil
+			case errors.Is(err, io.EOF):
+				return errNoDisc
+			}
+			return fmt.Errorf("read request: %w", err)
+		}
+		var r request
+		if err := r.decode(hdr[:]); err != nil {
+			return fmt.Errorf("request magic %#x: %w (hard disconnect)", binary.BigEndian.Uint32(hdr[0:4]), err)
+		}
+		if r.typ == cmdDisc {
+			return nil
+		}
+		if r.typ == cmdWrite && r.length > maxPayload {
+			return fmt.Errorf("write of %d bytes exceeds the %d-byte limit (hard disconnect: its payload is not read)", r.length, maxPayload)
+		}
+		if errno, why := c.check(ex, &r); errno != 0 {
+			if r.typ == cmdWrite {
+				if err := c.discard(int64(r.length)); err != nil {
+					return fmt.Errorf("discard payload of a refused write: %w", err)
+				}
+			}
+			ex.m.op(r.typ).fail(time.Now())
+			s.log.Debug("request refused", "conn", c.id, "cmd", cmdName(r.typ), "offset", r.offset, "length", r.length, "errno", errno, "why", why)
+			c.replyError(rw, &r, errno, why)
+			continue
+		}
+		need := int64(0)
+		switch r.typ {
+		case cmdRead, cmdWrite:
+			need = int64(r.length)
+		case cmdCache:
+			need = min(int64(r.length), chunkBytesIO)
+		}
+		slots <- struct{}{}
+		held, _ := connBudget.acquire(need, nil)
+		gheld, ok := s.budget.acquire(need, s.stop)
+		if !ok {
+			// Shutting down: this request is not served (it was never
+			// acknowledged, so nothing is lost).
+			connBudget.release(held)
+			<-slots
+			return nil
+		}
+		var buf *[]byte
+		if need > 0 {
+			buf = getBuf(int(need))
+		}
+		if r.typ == cmdWrite {
+			if err := c.readPayload(*buf); err != nil {
+				putBuf(buf)
+				s.budget.release(gheld)
+				connBudget.release(held)
+				<-slots
+				if c.isStopping() {
+					return nil
+				}
+				return fmt.Errorf("client disconnected in the payload of a %d-byte write: %w", r.length, err)
+			}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.do(rw, ex, r, buf)
+			if buf != nil {
+				putBuf(buf)
+			}
+			s.budget.release(gheld)
+			connBudget.release(held)
+			<-slots
+		}()
+	}
+}
+
+// readPayload reads a write's payload, under the watchdog when it is not
+// already buffered.
+func (c *conn) readPayload(p []byte) error {
+	if c.br.Buffered() >= len(p) {
+		_, err := io.ReadFull(c.br, p)
+		return err
+	}
+	c.readSince.Store(c.s.now())
+	_, err := io.ReadFull(c.br, p)
+	c.readSince.Store(0)
+	return err
+}
+
+func (c *conn) discard(n int64) error {
+	c.readSince.Store(c.s.now())
+	_, err := io.CopyN(io.Discard, c.br, n)
+	c.readSince.Store(0)
+	return err
+}
+
+// check validates a request against the export: command, flags, range.
+// It returns 0 or the error to answer, with a message.
+func (c *conn) check(ex *export, r *request) (uint32, string) {
+	allowed := cflagFUA // valid on every command once SEND_FUA is offered
+	switch r.typ {
+	case cmdRead:
+		if c.structured {
+			allowed |= cflagDF
+		}
+	case cmdWriteZeroes:
+		allowed |= cflagNoHole | cflagFastZero
+	case cmdBlockStatus:
+		allowed |= cflagReqOne
+	case cmdWrite, cmdFlush, cmdTrim, cmdCache:
+	default:
+		return errInval, fmt.Sprintf("unknown command %d", r.typ)
+	}
+	if r.flags&^allowed != 0 {
+		return errInval, fmt.Sprintf("flags %#x not valid for %s", r.flags&^allowed, cmdName(r.typ))
+	}
+	writes := r.typ == cmdWrite || r.typ == cmdTrim || r.typ == cmdWriteZeroes
+	if writes && ex.flags&tflagReadOnly != 0 {
+		return errPerm, "read-only export"
+	}
+	switch r.typ {
+	case cmdFlush:
+		if r.offset != 0 || r.length != 0 {
+			return errInval, "flush with a nonzero offset or length"
+		}
+		return 0, ""
+	case cmdBlockStatus:
+		if !ex.meta {
+			return errInval, "block status without the base:allocation context negotiated"
+		}
+	case cmdRead:
+		if r.length > maxPayload {
+			return errInval, fmt.Sprintf("read of %d bytes exceeds the %d-byte limit", r.length, maxPayload)
+		}
+	}
+	if r.length == 0 {
+		return errInval, "zero-length request"
+	}
+	if r.offset > ex.size || uint64(r.length) > ex.size-r.offset {
+		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
+			return errNoSpc, fmt.Sprintf("%d bytes at %d end past the export's size %d", r.length, r.offset, ex.size)
+		}
+		return errInval, fmt.Sprintf("%d bytes at %d end past the export's size %d", r.length, r.offset, ex.size)
+	}
+	return 0, ""
+}
+
+// do runs one validated request and answers it.
+func (c *conn) do(rw *replyWriter, ex *export, r request, buf *[]byte) {
+	start := time.Now()
+	om := ex.m.op(r.typ)
+	obj, off, n := ex.obj, int64(r.offset), int64(r.length)
+	var err error
+	switch r.typ {
+	case cmdRead:
+		p := (*buf)[:n]
+		var got int
+		got, err = obj.ReadAt(p, off)
+		if err == nil && got != len(p) || errors.Is(err, io.EOF) {
+			// The export's size is fixed while it is served: a short
+			// read means the object changed under us.
+			err = fmt.Errorf("read %d bytes at %d: got %d: %w", n, off, got, io.ErrUnexpectedEOF)
+		}
+		if err == nil {
+			om.done(n, start)
+			c.replyRead(rw, &r, p)
+			return
+		}
+	case cmdWrite:
+		var wrote int
+		wrote, err = obj.WriteAt((*buf)[:n], off)
+		if err == nil && int64(wrote) != n {
+			err = fmt.Errorf("wrote %d of %d bytes: %w", wrote, n, io.ErrShortWrite)
+		}
+		if err == nil && r.flags&cflagFUA != 0 {
+			err = obj.Sync()
+		}
+	case cmdFlush:
+		err = obj.Sync()
+	case cmdTrim:
+		err = obj.PunchHole(off, n)
+		if err == nil && r.flags&cflagFUA != 0 {
+			err = obj.Sync()
+		}
+	case cmdWriteZeroes:
+		err = c.writeZeroes(obj, &r)
+	case cmdCache:
+		err = prefetch(obj, off, n, *buf)
+	case cmdBlockStatus:
+		om.done(n, start)
+		c.replyBlockStatus(rw, ex, &r)
+		return
+	default:
+		panic(fmt.Sprintf("rawblockd: unvalidated command %d reached do", r.typ))
+	}
+	if err != nil {
+		om.fail(start)
+		errno := errnoOf(err)
+		level := slog.LevelWarn
+		if errno == errNoSpc || errno == errShutdown {
+			level = slog.LevelInfo
+		}
+		c.s.log.Log(context.Background(), level, "request failed", "conn", c.id, "export", ex.name, "cmd", cmdName(r.typ), "offset", off, "length", n, "errno", errno, "err", err)
+		c.replyError(rw, &r, errno, err.Error())
+		return
+	}
+	om.done(n, start)
+	var h [simpleBytes]byte
+	putSimple(h[:], 0, r.handle)
+	rw.send(h[:], nil)
+}
+
+// writeZeroes: without NO_HOLE the range is punched (whole blocks freed,
+// edges zeroed); with it, zeros are written, which FAST_ZERO refuses as
+// not fast.
+func (c *conn) writeZeroes(obj *engine.Object, r *request) error {
+	off, n := int64(r.offset), int64(r.length)
+	if r.flags&cflagNoHole == 0 {
+		if err := obj.PunchHole(off, n); err != nil {
+			return err
+		}
+	} else {
+		if r.flags&cflagFastZero != 0 {
+			return errFastZero
+		}
+		for n > 0 {
+			k := min(n, chunkBytesIO)
+			w, err := obj.WriteAt(zeros[:k], off)
+			if err != nil {
+				return err
+			}
+			if int64(w) != k {
+				return fmt.Errorf("wrote %d of %d zero bytes: %w", w, k, io.ErrShortWrite)
+			}
+			off += k
+			n -= k
+		}
+	}
+	if r.flags&cflagFUA != 0 {
+		return obj.Sync()
+	}
+	return nil
+}
+
+// errFastZero answers a FAST_ZERO request we can only do slowly.
+var errFastZero = fmt.Errorf("zeroing without holes is a full write: %w", syscall.ENOTSUP)
+
+// prefetch reads [off, off+n) into the engine's cache, buf at a time.
+func prefetch(obj *engine.Object, off, n int64, buf []byte) error {
+	for n > 0 {
+		k := min(n, int64(len(buf)))
+		if _, err := obj.ReadAt(buf[:k], off); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// errnoOf maps an engine error to the protocol's error values.
+func errnoOf(err error) uint32 {
+	switch {
+	case errors.Is(err, engine.ErrNoSpace), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
+		return errNoSpc
+	case errors.Is(err, engine.ErrReadOnly), errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EPERM):
+		return errPerm
+	case errors.Is(err, engine.ErrClosed):
+		return errShutdown
+	case errors.Is(err, syscall.ENOTSUP):
+		return errNotSup
+	case errors.Is(err, fs.ErrInvalid):
+		return errInval
+	}
+	return errIO
+}
+
+// replyRead answers a successful read with its data.
+func (c *conn) replyRead(rw *replyWriter, r *request, data []byte) {
+	if !c.structured {
+		var h [simpleBytes]byte
+		putSimple(h[:], 0, r.handle)
+		rw.send(h[:], data)
+		return
+	}
+	var h [chunkBytes + 8]byte
+	putChunk(h[:], replyFlagDone, replyTypeOffsetData, r.handle, uint32(8+len(data)))
+	binary.BigEndian.PutUint64(h[chunkBytes:], r.offset)
+	rw.send(h[:], data)
+}
+
+// replyError answers r with an error: a structured error chunk with the
+// message when structured replies are on, else a simple reply.
+func (c *conn) replyError(rw *replyWriter, r *request, errno uint32, why string) {
+	if errno == 0 {
+		panic("rawblockd: error reply without an error")
+	}
+	if !c.structured {
+		var h [simpleBytes]byte
+		putSimple(h[:], errno, r.handle)
+		rw.send(h[:], nil)
+		return
+	}
+	if len(why) > maxErrorMessage {
+		why = why[:maxErrorMessage]
+	}
+	h := make([]byte, chunkBytes+6, chunkBytes+6+len(why))
+	putChunk(h, replyFlagDone, replyTypeError, r.handle, uint32(6+len(why)))
+	binary.BigEndian.PutUint32(h[chunkBytes:], errno)
+	binary.BigEndian.PutUint16(h[chunkBytes+4:], uint16(len(why)))
+	h = append(h, why...)
+	rw.send(h, nil)
+}
+
+// replyBlockStatus answers a base:allocation query from the object's
+// extent map: a range no extent covers is a hole that reads zeros; every
+// mapped range (delalloc data in the cache, unwritten space whose data
+// may still be in flight, written data) is reported as data.
+func (c *conn) replyBlockStatus(rw *replyWriter, ex *export, r *request) {
+	start, end := r.offset, r.offset+uint64(r.length)
+	limit := maxStatusDescriptors
+	if r.flags&cflagReqOne != 0 {
+		limit = 1
+	}
+	type desc struct {
+		length uint64
+		flags  uint32
+	}
+	var ds []desc
+	add := func(length uint64, flags uint32) bool {
+		if length == 0 {
+			return true
+		}
+		if n := len(ds); n > 0 && ds[n-1].flags == flags {
+			ds[n-1].length += length
+			return true
+		}
+		if len(ds) == limit {
+			return false
+		}
+		ds = append(ds, desc{length, flags})
+		return true
+	}
+	pos := start
+	for _, x := range ex.obj.Extents() {
+		xs, xe := uint64(x.Offset), uint64(x.Offset+x.Length)
+		if xe <= pos {
+			continue
+		}
+		if xs >= end {
+			break
+		}
+		if xs > pos && !add(xs-pos, stateHole|stateZero) {
+			pos = end + 1 // full
+			break
+		}
+		pos = max(pos, xs)
+		e := min(xe, end)
+		if !add(e-pos, 0) {
+			pos = end + 1
+			break
+		}
+		pos = e
+	}
+	if pos < end {
+		add(end-pos, stateHole|stateZero)
+	}
+	if len(ds) == 0 {
+		panic("rawblockd: block status produced no descriptor")
+	}
+	b := make([]byte, chunkBytes+4+8*len(ds))
+	putChunk(b, replyFlagDone, replyTypeBlockStatus, r.handle, uint32(4+8*len(ds)))
+	binary.BigEndian.PutUint32(b[chunkBytes:], baseAllocationID)
+	for i, d := range ds {
+		// A descriptor's length is 32 bits; the request's length is too,
+		// so a merged run never exceeds it.
+		binary.BigEndian.PutUint32(b[chunkBytes+4+8*i:], uint32(d.length))
+		binary.BigEndian.PutUint32(b[chunkBytes+8+8*i:], d.flags)
+	}
+	rw.send(b, nil)
+}
