@@ -170,6 +170,10 @@ type Engine struct {
 	allocations, devWrites, devReads, devBytesW, devBytesR atomic.Uint64
 	commits, checkpoints, journalBytes, flushes            atomic.Uint64
 	ringUsed                                               atomic.Int64 // ring.used, for Stats
+	// ckptBytes is the size of the newest checkpoint, and logged the
+	// operation bytes logged since its snapshot: together they bound the
+	// next checkpoint's size (metaRoom).
+	ckptBytes, logged atomic.Int64
 }
 
 // alignedBuf returns a buffer aligned for O_DIRECT. directio aligns to 4096,
@@ -350,6 +354,8 @@ func Open(dev Device, opts Options) (*Engine, error) {
 		e.shift++
 	}
 	e.ringUsed.Store(e.ring.used)
+	e.ckptBytes.Store(int64(l.ckpt.encodedLen))
+	e.logged.Store(int64(l.ring.used) * int64(e.bs))
 	e.bufPool.New = func() any { b := alignedBuf(max(maxIOBytes, e.bs)); return &b }
 	for _, mo := range l.state.byID {
 		o := e.newObject(mo.id, mo.name)
@@ -437,6 +443,9 @@ func (e *Engine) Create(name string) (*Object, error) {
 		return nil, err
 	}
 	defer e.exit()
+	if err := e.metaRoom(); err != nil {
+		return nil, fmt.Errorf("create %q: %w", name, err)
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if _, ok := e.objects[name]; ok {
@@ -623,6 +632,7 @@ func (e *Engine) commit(ckpt bool) error {
 	ckpt = ckpt || !e.ringFits(len(ops))
 	var snap *checkpoint
 	if ckpt {
+		e.logged.Store(0)
 		snap = e.snapshot()
 	}
 	e.gate.Unlock()
@@ -721,6 +731,7 @@ func (e *Engine) writeCheckpoint(snap *checkpoint) error {
 		return err
 	}
 	e.ckptBuf = data
+	e.ckptBytes.Store(int64(len(data)))
 	if err := e.flushDevice(); err != nil {
 		return err
 	}
@@ -794,7 +805,9 @@ func (e *Engine) logLocked(op jop) {
 	if len(e.jops) == 0 {
 		e.jsince = time.Now()
 	}
+	n := len(e.jops)
 	e.jops = appendOp(e.jops, op)
+	e.logged.Add(int64(len(e.jops) - n))
 	if op.kind == opMap {
 		e.jmaps = true
 	}
@@ -828,6 +841,25 @@ func (e *Engine) logFree(o *Object, start, n int64, freed []extenttree.PhysExten
 			panic(fmt.Sprintf("rawblock: object %q: free %v: %v", o.name, x, err))
 		}
 	}
+}
+
+// metaRoom fails with ErrMetadataFull when the next checkpoint might not
+// fit its region. Each logged byte adds at most two bytes to a checkpoint
+// (an object record is 11 bytes longer than its create operation), so the
+// newest checkpoint's size plus twice what was logged since bounds it. Only
+// when that bound crosses the limit is a checkpoint taken to measure.
+func (e *Engine) metaRoom() error {
+	limit := e.sb.CkptBlocks * int64(e.bs-ckptHeaderLen-4) * 15 / 16
+	if e.ckptBytes.Load()+2*e.logged.Load() <= limit {
+		return nil
+	}
+	if err := e.commit(true); err != nil && !errors.Is(err, errCkptFull) {
+		return err
+	}
+	if used := e.ckptBytes.Load() + 2*e.logged.Load(); used > limit {
+		return fmt.Errorf("%w: checkpoint of about %d bytes, the region holds %d", ErrMetadataFull, used, limit)
+	}
+	return nil
 }
 
 // pendingOps reports the size and age of the pending batch.
@@ -1039,7 +1071,7 @@ func (e *Engine) reserve(n int64) error {
 		return err
 	}
 	e.releaseAllWindows()
-	if serr := e.syncAll(true); serr != nil {
+	if serr := e.syncAll(false); serr != nil {
 		return fmt.Errorf("%w: %d blocks wanted (writeback before retry failed: %v)", ErrNoSpace, n, serr)
 	}
 	if err := e.space.Reserve(n); err != nil {

@@ -203,6 +203,7 @@ type checkpoint struct {
 	JournalPos   int64
 	Chain        uint32
 	Objects      []ckptObject
+	encodedLen   int // bytes on disk, set by decodeCheckpoint
 }
 
 type ckptObject struct {
@@ -387,6 +388,7 @@ func decodeCheckpoint(data []byte, bs int) (*checkpoint, error) {
 	if r.remaining() != 0 {
 		return nil, bad("%d trailing bytes", r.remaining())
 	}
+	c.encodedLen = count * bs
 	return c, nil
 }
 

@@ -66,6 +66,7 @@ func TestCheckpointRoundTrip(t *testing.T) {
 		c.Objects = append(c.Objects, ckptObject{ID: uint64(10 + i), Name: string(rune('A'+i%26)) + string(rune('a'+i/26)) + "xxxxxxxx", Size: 4096, Extents: []ckptExtent{{0, int64(1000 + i), 1}}})
 	}
 	c.NextObjectID = 1000
+	c.JournalPos, c.Chain = 77, 0xdeadbeef
 	data, err := encodeCheckpoint(nil, c, 512, 100)
 	if err != nil {
 		t.Fatal(err)
@@ -74,6 +75,10 @@ func TestCheckpointRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if got.encodedLen != len(data) {
+		t.Fatalf("encoded length %d, want %d", got.encodedLen, len(data))
+	}
+	got.encodedLen = 0
 	if !reflect.DeepEqual(got, c) {
 		t.Fatal("round trip differs")
 	}

@@ -405,3 +405,67 @@ func TestCheckFindsProblems(t *testing.T) {
 		t.Fatalf("Open of a device whose objects share blocks: %v", err)
 	}
 }
+
+// TestMetadataFull: creating objects until the checkpoint region cannot
+// hold another one gives ErrMetadataFull, corrupts nothing, and removing
+// objects makes room again.
+func TestMetadataFull(t *testing.T) {
+	dev := NewMemDevice(32<<20, 4096)
+	if err := Format(dev, FormatOptions{MetadataSize: 512 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	e, err := Open(dev, Options{CacheSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := string(bytes.Repeat([]byte("n"), 200))
+	created := 0
+	for ; ; created++ {
+		_, err := e.Create(fmt.Sprintf("%s-%06d", long, created))
+		if errors.Is(err, ErrMetadataFull) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("create %d: %v", created, err)
+		}
+		if created > 100000 {
+			t.Fatal("the metadata region never filled")
+		}
+	}
+	t.Logf("%d objects fit", created)
+	// Fragmenting writes hit the same limit.
+	o, err := e.Object(fmt.Sprintf("%s-%06d", long, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := int64(0); i < 100000; i++ {
+		if _, err := o.WriteAt([]byte{1}, i*2*4096); err != nil {
+			if !errors.Is(err, ErrMetadataFull) {
+				t.Fatalf("write %d: %v", i, err)
+			}
+			break
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatalf("close at full metadata: %v", err)
+	}
+	if rep, err := Check(dev); err != nil {
+		t.Fatalf("check: %v %v", err, rep.Problems)
+	}
+	e, err = Open(dev, Options{CacheSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if n := len(e.Objects()); n != created {
+		t.Fatalf("%d objects after reopen, %d created", n, created)
+	}
+	for i := 1; i < 40; i++ {
+		if err := e.Remove(fmt.Sprintf("%s-%06d", long, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.Create("again"); err != nil {
+		t.Fatalf("create after removals: %v", err)
+	}
+}

@@ -263,6 +263,12 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 	holes := o.tree.CountHoles(b0, b1-b0)
 	o.treeMu.Unlock()
 	o.mu.RUnlock()
+	if holes > 0 {
+		// New space may mean new extents in the metadata.
+		if err := e.metaRoom(); err != nil {
+			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+		}
+	}
 	if err := e.reserve(holes); err != nil {
 		return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
 	}
