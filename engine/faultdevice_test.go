@@ -15,16 +15,16 @@ import (
 
 const fdSector = 512
 
-func fill(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
+func fdFill(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
 
-func mustWrite(t *testing.T, d engine.Device, p []byte, off int64) {
+func fdMustWrite(t *testing.T, d engine.Device, p []byte, off int64) {
 	t.Helper()
 	if n, err := d.WriteAt(p, off); err != nil || n != len(p) {
 		t.Fatalf("WriteAt(%d bytes at %d) = %d, %v", len(p), off, n, err)
 	}
 }
 
-func mustRead(t *testing.T, d engine.Device, n int, off int64) []byte {
+func fdMustRead(t *testing.T, d engine.Device, n int, off int64) []byte {
 	t.Helper()
 	p := make([]byte, n)
 	if got, err := d.ReadAt(p, off); err != nil || got != n {
@@ -97,16 +97,16 @@ func TestFaultDeviceVolatility(t *testing.T) {
 	outcomes := map[string]int{}
 	for seed := uint64(0); seed < 200; seed++ {
 		d := engine.NewFaultDevice(1<<20, fdSector)
-		mustWrite(t, d, fill(1, 2*fdSector), 0)
+		fdMustWrite(t, d, fdFill(1, 2*fdSector), 0)
 		if err := d.Flush(); err != nil {
 			t.Fatal(err)
 		}
-		mustWrite(t, d, fill(2, 4*fdSector), 4096)
-		mustWrite(t, d, fill(3, fdSector), 0)
-		if got := mustRead(t, d, 2*fdSector, 0); got[0] != 3 || got[fdSector] != 1 {
+		fdMustWrite(t, d, fdFill(2, 4*fdSector), 4096)
+		fdMustWrite(t, d, fdFill(3, fdSector), 0)
+		if got := fdMustRead(t, d, 2*fdSector, 0); got[0] != 3 || got[fdSector] != 1 {
 			t.Fatalf("read before crash: %d %d", got[0], got[fdSector])
 		}
-		if got := mustRead(t, d, 8192, 0); got[4096] != 2 || got[2*fdSector] != 0 {
+		if got := fdMustRead(t, d, 8192, 0); got[4096] != 2 || got[2*fdSector] != 0 {
 			t.Fatalf("read before crash: %d %d", got[4096], got[2*fdSector])
 		}
 		if st := d.Stats(); st.Pending != 2 || st.PendingBytes != 5*fdSector {
@@ -119,7 +119,7 @@ func TestFaultDeviceVolatility(t *testing.T) {
 		if _, err := d.ReadAt(make([]byte, fdSector), 0); !errors.Is(err, engine.ErrCrashed) {
 			t.Fatalf("old device after reboot: %v", err)
 		}
-		got := mustRead(t, nd, 8192, 0)
+		got := fdMustRead(t, nd, 8192, 0)
 		if got[fdSector] != 1 {
 			t.Fatalf("seed %d: flushed sector lost: %d", seed, got[fdSector])
 		}
@@ -128,7 +128,7 @@ func TestFaultDeviceVolatility(t *testing.T) {
 			t.Fatalf("seed %d: sector 0 reads %d", seed, first)
 		}
 		second := got[4096]
-		if !bytes.Equal(got[4096:4096+4*fdSector], fill(second, 4*fdSector)) || (second != 0 && second != 2) {
+		if !bytes.Equal(got[4096:4096+4*fdSector], fdFill(second, 4*fdSector)) || (second != 0 && second != 2) {
 			t.Fatalf("seed %d: untorn write came back partly: %v", seed, got[4096:4096+4*fdSector])
 		}
 		kept := 0
@@ -162,9 +162,9 @@ func TestFaultDeviceTearing(t *testing.T) {
 			for i := range p {
 				p[i] = byte(i/fdSector + 1)
 			}
-			mustWrite(t, d, p, 8192)
+			fdMustWrite(t, d, p, 8192)
 			nd, rs := d.Reboot(rand.New(rand.NewPCG(seed, 2)), tear)
-			got := mustRead(t, nd, len(p), 8192)
+			got := fdMustRead(t, nd, len(p), 8192)
 			n := 0
 			for s := 0; s < sectors; s++ {
 				sec := got[s*fdSector : (s+1)*fdSector]
@@ -198,10 +198,10 @@ func TestFaultDeviceReorder(t *testing.T) {
 	seen := map[byte]bool{}
 	for seed := uint64(0); seed < 200; seed++ {
 		d := engine.NewFaultDevice(1<<20, fdSector)
-		mustWrite(t, d, fill(1, fdSector), 0)
-		mustWrite(t, d, fill(2, fdSector), 0)
+		fdMustWrite(t, d, fdFill(1, fdSector), 0)
+		fdMustWrite(t, d, fdFill(2, fdSector), 0)
 		nd, _ := d.Reboot(rand.New(rand.NewPCG(seed, 3)), false)
-		seen[mustRead(t, nd, fdSector, 0)[0]] = true
+		seen[fdMustRead(t, nd, fdSector, 0)[0]] = true
 	}
 	for _, v := range []byte{0, 1, 2} {
 		if !seen[v] {
@@ -214,10 +214,10 @@ func TestFaultDeviceRebootDeterministic(t *testing.T) {
 	run := func() []byte {
 		d := engine.NewFaultDevice(1<<20, fdSector)
 		for i := range 50 {
-			mustWrite(t, d, fill(byte(i+1), 8*fdSector), int64(i%7)*fdSector*3)
+			fdMustWrite(t, d, fdFill(byte(i+1), 8*fdSector), int64(i%7)*fdSector*3)
 		}
 		nd, _ := d.Reboot(rand.New(rand.NewPCG(42, 42)), true)
-		return mustRead(t, nd, 64<<10, 0)
+		return fdMustRead(t, nd, 64<<10, 0)
 	}
 	if !bytes.Equal(run(), run()) {
 		t.Fatal("the same history and seed rebooted to different contents")
@@ -227,15 +227,15 @@ func TestFaultDeviceRebootDeterministic(t *testing.T) {
 func TestFaultDeviceCrashAfter(t *testing.T) {
 	d := engine.NewFaultDevice(1<<20, fdSector)
 	d.CrashAfter(3)
-	mustWrite(t, d, fill(1, fdSector), 0)
+	fdMustWrite(t, d, fdFill(1, fdSector), 0)
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	mustWrite(t, d, fill(2, fdSector), fdSector)
+	fdMustWrite(t, d, fdFill(2, fdSector), fdSector)
 	if d.Crashed() || d.Mutations() != 3 {
 		t.Fatalf("crashed early: %v after %d", d.Crashed(), d.Mutations())
 	}
-	if n, err := d.WriteAt(fill(3, fdSector), 2*fdSector); !errors.Is(err, engine.ErrCrashed) || n != 0 {
+	if n, err := d.WriteAt(fdFill(3, fdSector), 2*fdSector); !errors.Is(err, engine.ErrCrashed) || n != 0 {
 		t.Fatalf("4th mutation = %d, %v; want ErrCrashed", n, err)
 	}
 	if !d.Crashed() {
@@ -255,22 +255,22 @@ func TestFaultDeviceCrashAfter(t *testing.T) {
 	found := false
 	for seed := uint64(0); seed < 100 && !found; seed++ {
 		c := engine.NewFaultDevice(1<<20, fdSector)
-		mustWrite(t, c, fill(1, fdSector), 0)
+		fdMustWrite(t, c, fdFill(1, fdSector), 0)
 		c.CrashAfter(0)
-		if _, err := c.WriteAt(fill(3, fdSector), fdSector); !errors.Is(err, engine.ErrCrashed) {
+		if _, err := c.WriteAt(fdFill(3, fdSector), fdSector); !errors.Is(err, engine.ErrCrashed) {
 			t.Fatal(err)
 		}
 		nd, rs := c.Reboot(rand.New(rand.NewPCG(seed, 4)), false)
 		if rs.Pending != 2 {
 			t.Fatalf("pending %+v", rs)
 		}
-		found = mustRead(t, nd, fdSector, fdSector)[0] == 3
+		found = fdMustRead(t, nd, fdSector, fdSector)[0] == 3
 	}
 	if !found {
 		t.Error("a write cut by the crash never persisted")
 	}
 	nd, _ := d.Reboot(rand.New(rand.NewPCG(1, 1)), true)
-	if got := mustRead(t, nd, fdSector, 0); got[0] != 1 {
+	if got := fdMustRead(t, nd, fdSector, 0); got[0] != 1 {
 		t.Errorf("flushed write lost: %d", got[0])
 	}
 	if nd.Crashed() || nd.Mutations() != 0 || nd.Stats() != (engine.FaultStats{Reads: 1}) {
@@ -286,7 +286,7 @@ func TestFaultDeviceCrashAfter(t *testing.T) {
 	}()
 	// A cut flush makes nothing durable.
 	f := engine.NewFaultDevice(1<<20, fdSector)
-	mustWrite(t, f, fill(5, fdSector), 0)
+	fdMustWrite(t, f, fdFill(5, fdSector), 0)
 	f.CrashAfter(0)
 	if err := f.Flush(); !errors.Is(err, engine.ErrCrashed) {
 		t.Fatalf("cut flush = %v", err)
@@ -298,7 +298,7 @@ func TestFaultDeviceCrashAfter(t *testing.T) {
 	g := engine.NewFaultDevice(1<<20, fdSector)
 	g.CrashAfter(0)
 	g.CrashAfter(-1)
-	mustWrite(t, g, fill(1, fdSector), 0)
+	fdMustWrite(t, g, fdFill(1, fdSector), 0)
 	if g.Crashed() {
 		t.Error("disarmed crash fired")
 	}
@@ -307,14 +307,14 @@ func TestFaultDeviceCrashAfter(t *testing.T) {
 func TestFaultDeviceInjection(t *testing.T) {
 	d := engine.NewFaultDevice(1<<20, fdSector)
 	d.FailOn(engine.FaultWrite, 2, syscall.EIO)
-	mustWrite(t, d, fill(1, fdSector), 0)
-	if n, err := d.WriteAt(fill(2, fdSector), fdSector); !errors.Is(err, syscall.EIO) || n != 0 {
+	fdMustWrite(t, d, fdFill(1, fdSector), 0)
+	if n, err := d.WriteAt(fdFill(2, fdSector), fdSector); !errors.Is(err, syscall.EIO) || n != 0 {
 		t.Fatalf("2nd write = %d, %v; want EIO", n, err)
 	}
-	if got := mustRead(t, d, fdSector, fdSector); got[0] != 0 {
+	if got := fdMustRead(t, d, fdSector, fdSector); got[0] != 0 {
 		t.Fatalf("failed write stored data: %d", got[0])
 	}
-	mustWrite(t, d, fill(3, fdSector), fdSector)
+	fdMustWrite(t, d, fdFill(3, fdSector), fdSector)
 
 	d.FailOn(engine.FaultFlush, 1, syscall.EIO)
 	if err := d.Flush(); !errors.Is(err, syscall.EIO) {
@@ -334,7 +334,7 @@ func TestFaultDeviceInjection(t *testing.T) {
 	if _, err := d.ReadAt(make([]byte, fdSector), 0); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("read = %v", err)
 	}
-	mustRead(t, d, fdSector, 0)
+	fdMustRead(t, d, fdSector, 0)
 
 	// A predicate and a repeating fault: ENOSPC on every write past 512 KiB.
 	if err := d.Inject(engine.Fault{Op: engine.FaultWrite, Times: -1, Err: syscall.ENOSPC,
@@ -342,33 +342,33 @@ func TestFaultDeviceInjection(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 3 {
-		if _, err := d.WriteAt(fill(4, 4096), 600<<10); !errors.Is(err, syscall.ENOSPC) {
+		if _, err := d.WriteAt(fdFill(4, 4096), 600<<10); !errors.Is(err, syscall.ENOSPC) {
 			t.Fatalf("write past 512 KiB = %v", err)
 		}
-		mustWrite(t, d, fill(4, 4096), 4096)
+		fdMustWrite(t, d, fdFill(4, 4096), 4096)
 	}
 	d.ClearFaults()
-	mustWrite(t, d, fill(4, 4096), 600<<10)
+	fdMustWrite(t, d, fdFill(4, 4096), 600<<10)
 
 	// Short transfers report less with no error.
 	if err := d.Inject(engine.Fault{Op: engine.FaultWrite, Short: true}); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := d.WriteAt(fill(6, 4*fdSector), 64<<10); err != nil || n != 2*fdSector {
+	if n, err := d.WriteAt(fdFill(6, 4*fdSector), 64<<10); err != nil || n != 2*fdSector {
 		t.Fatalf("short write = %d, %v", n, err)
 	}
-	got := mustRead(t, d, 4*fdSector, 64<<10)
-	if !bytes.Equal(got[:2*fdSector], fill(6, 2*fdSector)) || !bytes.Equal(got[2*fdSector:], make([]byte, 2*fdSector)) {
+	got := fdMustRead(t, d, 4*fdSector, 64<<10)
+	if !bytes.Equal(got[:2*fdSector], fdFill(6, 2*fdSector)) || !bytes.Equal(got[2*fdSector:], make([]byte, 2*fdSector)) {
 		t.Fatal("short write stored more or less than it reported")
 	}
 	if err := d.Inject(engine.Fault{Op: engine.FaultRead, Short: true}); err != nil {
 		t.Fatal(err)
 	}
-	p := fill(9, 4*fdSector)
+	p := fdFill(9, 4*fdSector)
 	if n, err := d.ReadAt(p, 64<<10); err != nil || n != 2*fdSector {
 		t.Fatalf("short read = %d, %v", n, err)
 	}
-	if !bytes.Equal(p[:2*fdSector], fill(6, 2*fdSector)) || p[2*fdSector] != 9 {
+	if !bytes.Equal(p[:2*fdSector], fdFill(6, 2*fdSector)) || p[2*fdSector] != 9 {
 		t.Fatal("short read filled more or less than it reported")
 	}
 
@@ -387,7 +387,7 @@ func TestFaultDeviceInjection(t *testing.T) {
 
 func TestFaultDeviceVectored(t *testing.T) {
 	d := engine.NewFaultDevice(1<<20, fdSector)
-	bufs := [][]byte{fill(1, fdSector), fill(2, 2*fdSector), fill(3, fdSector)}
+	bufs := [][]byte{fdFill(1, fdSector), fdFill(2, 2*fdSector), fdFill(3, fdSector)}
 	if n, err := d.WritevAt(bufs, 4096); err != nil || n != 4*fdSector {
 		t.Fatalf("WritevAt = %d, %v", n, err)
 	}
@@ -418,7 +418,7 @@ func TestFaultDeviceConcurrent(t *testing.T) {
 		wg.Go(func() {
 			for r := range rounds {
 				off := int64(w)*(512<<10) + int64(r%64)*4096
-				if _, err := d.WriteAt(fill(byte(w+1), 4096), off); err != nil {
+				if _, err := d.WriteAt(fdFill(byte(w+1), 4096), off); err != nil {
 					t.Error(err)
 					return
 				}
@@ -449,8 +449,8 @@ func TestFaultDeviceConcurrent(t *testing.T) {
 		t.Fatalf("reboot after flush: %+v", rs)
 	}
 	for w := range writers {
-		got := mustRead(t, nd, 64*4096, int64(w)*(512<<10))
-		if !bytes.Equal(got, fill(byte(w+1), len(got))) {
+		got := fdMustRead(t, nd, 64*4096, int64(w)*(512<<10))
+		if !bytes.Equal(got, fdFill(byte(w+1), len(got))) {
 			t.Fatalf("writer %d: flushed data lost", w)
 		}
 	}
@@ -471,7 +471,7 @@ func TestFaultDeviceEngine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	data := fill(7, 10000)
+	data := fdFill(7, 10000)
 	if _, err := o.WriteAt(data, 3); err != nil {
 		t.Fatal(err)
 	}
