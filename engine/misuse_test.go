@@ -963,3 +963,48 @@ func TestMisuseOpenHelperProcess(t *testing.T) {
 		}
 	}
 }
+
+// TestMisuseReadWriteOpenOfReadOnlyDevice: an engine opened read-write on a
+// device opened read-only can never make a write durable, so it must not
+// acknowledge one: either Open refuses with ErrReadOnly, or the engine
+// serves it read-only and refuses changes with ErrReadOnly. Accepting
+// Create and WriteAt and failing only at Sync or Close loses acknowledged
+// data.
+func TestMisuseReadWriteOpenOfReadOnlyDevice(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "dev")
+	dev, err := engine.OpenDevice(path, engine.DeviceOptions{CreateSize: 32 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, want := populate(t, dev)
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ro, err := engine.OpenDevice(path, engine.DeviceOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ro.Close() })
+	e, err = engine.Open(ro, smallOpts)
+	if err != nil {
+		if !errors.Is(err, engine.ErrReadOnly) {
+			t.Fatalf("read-write Open of a read-only device = %v; want an error wrapping ErrReadOnly", err)
+		}
+		return
+	}
+	defer e.Close()
+	if _, err := e.Create("new"); !errors.Is(err, engine.ErrReadOnly) {
+		t.Errorf("Create on an engine over a read-only device = %v; want ErrReadOnly (it can never be made durable)", err)
+	}
+	o, err := e.Object("o4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := o.WriteAt([]byte("lost"), 0); n != 0 || !errors.Is(err, engine.ErrReadOnly) {
+		t.Errorf("WriteAt on an engine over a read-only device = %d, %v; want 0, ErrReadOnly (it can never be made durable)", n, err)
+	}
+	checkAll(t, e, want, "engine over a read-only device")
+}
