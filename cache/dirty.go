@@ -119,6 +119,19 @@ func (c *Cache) ReleaseDirty(n int) {
 	d.mu.Unlock()
 }
 
+// ChargeDirty counts n more dirty pages without waiting, even past the
+// limit: for pages that were uncounted early (their write was in flight and
+// then failed) and are dirty again. Writers wait until it is released.
+func (c *Cache) ChargeDirty(n int) {
+	if n < 0 {
+		panic(fmt.Sprintf("cache: ChargeDirty of %d pages", n))
+	}
+	d := &c.dirty
+	d.mu.Lock()
+	d.n += n
+	d.mu.Unlock()
+}
+
 // DirtyPages returns the number of dirty pages counted.
 func (c *Cache) DirtyPages() int {
 	c.dirty.mu.Lock()

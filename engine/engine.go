@@ -397,12 +397,10 @@ func Open(dev Device, opts Options) (*Engine, error) {
 
 func (e *Engine) newObject(id uint64, name string) *Object {
 	return &Object{
-		e:     e,
-		id:    id,
-		name:  name,
-		tree:  extenttree.New(),
-		dirty: make(map[int64]*cache.Page),
-		wb:    make(map[int64]*cache.Page),
+		e:    e,
+		id:   id,
+		name: name,
+		tree: extenttree.New(),
 	}
 }
 

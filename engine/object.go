@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,8 +32,8 @@ type Object struct {
 	name       string
 	size       int64
 	tree       *extenttree.Tree
-	dirty      map[int64]*cache.Page // block -> dirty page, pinned until written back
-	wb         map[int64]*cache.Page // block -> page whose write is in flight: never modified
+	dirty      pageSet // block -> dirty page, pinned until written back
+	wb         pageSet // block -> page whose write is in flight: never modified
 	removed    bool
 	inDirty    bool // listed in the engine's dirty set
 	dirtySince time.Time
@@ -312,7 +311,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 			from := max(off, bStart) - bStart
 			to := min(off+int64(len(p)), bStart+bs) - bStart
 			src := p[bStart+from-off : bStart+to-off]
-			pg := o.dirty[b]
+			pg := o.dirty.Get(b)
 			if pg == nil {
 				pg = cr.take()
 				if from != 0 || to != bs {
@@ -326,7 +325,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 						return written, fmt.Errorf("write %q at %d: read-modify-write: %w", o.name, off, err)
 					}
 				}
-				o.dirty[b] = pg
+				o.dirty.Set(b, pg)
 				e.cache.Remove(o.key(b))
 			}
 			copy(pg.Data()[from:to], src)
@@ -344,7 +343,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 func (o *Object) missingPagesLocked(b0, b1 int64) int {
 	n := 0
 	for b := b0; b < b1; b++ {
-		if o.dirty[b] == nil {
+		if o.dirty.Get(b) == nil {
 			n++
 		}
 	}
@@ -378,7 +377,7 @@ func (o *Object) recordLocked(b0, b1, end, reserved int64) int64 {
 // fillBaseLocked puts block b's current contents into buf, for a write that
 // covers only part of it.
 func (o *Object) fillBaseLocked(b int64, buf []byte) error {
-	if pg := o.wb[b]; pg != nil {
+	if pg := o.wb.Get(b); pg != nil {
 		copy(buf, pg.Data())
 		return nil
 	}
@@ -492,15 +491,10 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (o *Object) pageLocked(b int64) *cache.Page {
-	if len(o.dirty) != 0 {
-		if pg := o.dirty[b]; pg != nil {
-			return pg
-		}
+	if pg := o.dirty.Get(b); pg != nil {
+		return pg
 	}
-	if len(o.wb) != 0 {
-		return o.wb[b]
-	}
-	return nil
+	return o.wb.Get(b)
 }
 
 // readOp gathers a read's consecutive cache misses into one device I/O. A
@@ -737,13 +731,10 @@ func (o *Object) PunchHole(off, length int64) error {
 			panic(fmt.Sprintf("rawblock: object %q: punch %d+%d: %v", o.name, first, last-first, err))
 		}
 		o.freeLocked(first, last-first, freed, dropped)
-		for b, pg := range o.dirty {
-			if b >= first && b < last {
-				delete(o.dirty, b)
-				pg.Release()
-				e.cache.ReleaseDirty(1)
-			}
-		}
+		o.dirty.DeleteRange(first, last, func(_ int64, pg *cache.Page) {
+			pg.Release()
+			e.cache.ReleaseDirty(1)
+		})
 		e.cache.RemoveRange(o.id, first, last-first)
 	}
 	// Edges: the partial blocks at either end (one block may be both).
@@ -764,7 +755,7 @@ func (o *Object) PunchHole(off, length int64) error {
 // zeroPartialLocked zeroes bytes [from, to) of block b. A hole is already
 // zero; a written block gets a dirty copy (no new space needed).
 func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
-	if pg := o.dirty[b]; pg != nil {
+	if pg := o.dirty.Get(b); pg != nil {
 		clear(pg.Data()[from:to])
 		return nil
 	}
@@ -783,7 +774,7 @@ func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
 		return err
 	}
 	clear(pg.Data()[from:to])
-	o.dirty[b] = pg
+	o.dirty.Set(b, pg)
 	o.e.cache.Remove(o.key(b))
 	o.markDirtyLocked()
 	return nil
@@ -821,17 +812,14 @@ func (o *Object) freeLocked(start, n int64, freed []extenttree.PhysExtent, dropp
 // is in flight: callers hold wbMu or the engine is closing.
 func (o *Object) dropPagesLocked(nb int64) {
 	n := 0
-	for b, pg := range o.dirty {
-		if b >= nb {
-			delete(o.dirty, b)
-			pg.Release()
-			n++
-		}
-	}
+	o.dirty.DeleteRange(nb, extenttree.BlockLimit, func(_ int64, pg *cache.Page) {
+		pg.Release()
+		n++
+	})
 	if n > 0 {
 		o.e.cache.ReleaseDirty(n)
 	}
-	if len(o.dirty) == 0 {
+	if o.dirty.Len() == 0 {
 		o.undirtyLocked()
 	}
 }
@@ -907,6 +895,7 @@ func (o *Object) Extents() []Extent {
 type wpage struct {
 	blk, phys int64
 	pg        *cache.Page
+	uncounted bool // its dirty budget was released when its write completed
 }
 
 // writeback writes every dirty page of the object: delalloc ranges first
@@ -918,7 +907,7 @@ func (o *Object) writeback() error {
 	o.wbMu.Lock()
 	defer o.wbMu.Unlock()
 	o.mu.Lock()
-	if o.removed || len(o.dirty) == 0 {
+	if o.removed || o.dirty.Len() == 0 {
 		o.undirtyLocked()
 		o.mu.Unlock()
 		return nil
@@ -938,11 +927,7 @@ func (o *Object) writeback() error {
 		o.mu.Unlock()
 		return err
 	}
-	blocks := make([]int64, 0, len(o.dirty))
-	for b := range o.dirty {
-		blocks = append(blocks, b)
-	}
-	slices.Sort(blocks)
+	blocks := o.dirty.Blocks(make([]int64, 0, o.dirty.Len()))
 	pages := make([]wpage, 0, len(blocks))
 	var unwritten []extenttree.Range
 	var segs []extenttree.Segment
@@ -961,9 +946,8 @@ func (o *Object) writeback() error {
 				unwritten = append(unwritten, extenttree.Range{Start: s.Start, Len: s.Len})
 			}
 			for b := s.Start; b < s.Start+s.Len; b++ {
-				pg := o.dirty[b]
-				delete(o.dirty, b)
-				o.wb[b] = pg
+				pg := o.dirty.Delete(b)
+				o.wb.Set(b, pg)
 				pages = append(pages, wpage{blk: b, phys: s.Phys + b - s.Start, pg: pg})
 			}
 		}
@@ -975,7 +959,15 @@ func (o *Object) writeback() error {
 	o.lastFlush = time.Now()
 	o.mu.Unlock()
 
-	err = e.writePages(pages)
+	// A page whose write completed no longer counts as dirty: writers may
+	// go on while the rest of the batch is in flight (its frame stays
+	// pinned until the batch ends and the range is marked written).
+	err = e.writePages(pages, func(ps []wpage) {
+		for i := range ps {
+			ps[i].uncounted = true
+		}
+		e.cache.ReleaseDirty(len(ps))
+	})
 
 	// Marking new extents written is fenced against commit: commit flushes
 	// the device and snapshots the metadata under the gate's write lock, so
@@ -987,22 +979,28 @@ func (o *Object) writeback() error {
 	// Small batches stay cached for read-after-write; a streaming batch
 	// would only churn the clean cache, so its frames are freed.
 	keep := len(pages) <= keepCleanPages
-	release := 0
+	release, recharge := 0, 0
 	for _, w := range pages {
-		delete(o.wb, w.blk)
-		newer := o.dirty[w.blk] != nil
+		o.wb.Delete(w.blk)
+		newer := o.dirty.Get(w.blk) != nil
 		if err != nil {
 			// Keep the data dirty so a later Sync can write it again.
 			if !newer {
-				o.dirty[w.blk] = w.pg
+				o.dirty.Set(w.blk, w.pg)
+				if w.uncounted {
+					recharge++
+				}
 				continue
 			}
 		} else if !newer && keep {
 			e.cache.Insert(o.key(w.blk), w.pg)
 		}
 		w.pg.Release()
-		release++
+		if !w.uncounted {
+			release++
+		}
 	}
+	e.cache.ChargeDirty(recharge)
 	if release > 0 {
 		e.cache.ReleaseDirty(release)
 	}
@@ -1024,7 +1022,7 @@ func (o *Object) writeback() error {
 			e.logOp(jop{kind: opMap, id: o.id, logical: sg.Start, physical: sg.Phys, length: sg.Len})
 		}
 	}
-	if len(o.dirty) > 0 {
+	if o.dirty.Len() > 0 {
 		o.markDirtyLocked()
 	} else {
 		o.undirtyLocked()

@@ -37,7 +37,11 @@ func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
 // writePages writes a writeback batch: pages with consecutive blocks and
 // consecutive physical blocks go out as one I/O of up to maxIOBytes,
 // ioParallel of them in flight.
-func (e *Engine) writePages(pages []wpage) error {
+//
+// done, if set, is called (from the I/O's goroutine) with the pages of each
+// I/O that completed, so the caller can let writers reuse their dirty budget
+// while the rest of the batch is in flight.
+func (e *Engine) writePages(pages []wpage, done func([]wpage)) error {
 	maxRun := max(maxIOBytes>>e.shift, 1)
 	type run struct{ i, j int }
 	var runs []run
@@ -86,6 +90,8 @@ func (e *Engine) writePages(pages []wpage) error {
 				mu.Lock()
 				first = cmpErr(first, err)
 				mu.Unlock()
+			} else if done != nil {
+				done(ps)
 			}
 		}()
 	}
