@@ -121,6 +121,9 @@ func (c *serveCmd) Run(env *appEnv) error {
 	if c.ReadOnly && len(exports) > 0 {
 		return fmt.Errorf("--export with --read-only: cannot create exports read-only: %w", fs.ErrInvalid)
 	}
+	if c.MaxClients < 1 || c.ConnRequests < 1 || c.MaxInflight < 1 || c.IOTimeout <= 0 {
+		return fmt.Errorf("--max-clients, --conn-requests, --max-inflight and --io-timeout must be positive: %w", fs.ErrInvalid)
+	}
 	if c.ShutdownTimeout <= 0 {
 		return fmt.Errorf("--shutdown-timeout %v: want > 0: %w", c.ShutdownTimeout, fs.ErrInvalid)
 	}

@@ -66,16 +66,16 @@ const (
 	repInfo        uint32 = 3
 	repMetaContext uint32 = 4
 
-	repErrBit      uint32 = 1 << 31
-	repErrUnsup           = repErrBit | 1
-	repErrPolicy          = repErrBit | 2
-	repErrInvalid         = repErrBit | 3
-	repErrPlatform        = repErrBit | 4
-	repErrTLSReqd         = repErrBit | 5
-	repErrUnknown         = repErrBit | 6
-	repErrShutdown        = repErrBit | 7
-	repErrBlockSizeReqd   = repErrBit | 8
-	repErrTooBig          = repErrBit | 9
+	repErrBit           uint32 = 1 << 31
+	repErrUnsup                = repErrBit | 1
+	repErrPolicy               = repErrBit | 2
+	repErrInvalid              = repErrBit | 3
+	repErrPlatform             = repErrBit | 4
+	repErrTLSReqd              = repErrBit | 5
+	repErrUnknown              = repErrBit | 6
+	repErrShutdown             = repErrBit | 7
+	repErrBlockSizeReqd        = repErrBit | 8
+	repErrTooBig               = repErrBit | 9
 )
 
 // NBD_INFO types sent in NBD_REP_INFO.

@@ -207,10 +207,10 @@ func (s *server) accept(nc net.Conn) {
 	go func() {
 		defer s.wg.Done()
 		defer func() {
+			s.m.connections.Dec()
 			s.mu.Lock()
 			delete(s.conns, c)
 			s.mu.Unlock()
-			s.m.connections.Dec()
 		}()
 		c.run()
 	}()
