@@ -41,7 +41,7 @@ type reply struct {
 	handle uint64
 	errno  uint32
 	msg    string
-	data   []byte     // read data, reassembled
+	data   []byte      // read data, reassembled
 	descs  [][2]uint32 // block status descriptors (length, flags)
 	chunks int
 }

@@ -144,7 +144,9 @@ func pattern(seed uint64, n int) []byte {
 	return b
 }
 
-func defaultExports() map[string]int64 { return map[string]int64{testExport: testSize, "other": 1 << 20} }
+func defaultExports() map[string]int64 {
+	return map[string]int64{testExport: testSize, "other": 1 << 20}
+}
 
 // forModes runs f with simple and with structured replies.
 func forModes(t *testing.T, f func(t *testing.T, structured bool)) {
@@ -328,7 +330,7 @@ func TestHandshakeOptions(t *testing.T) {
 		{optStartTLS, nil, repErrPolicy},
 		{optStructuredReply, []byte{1}, repErrInvalid},
 		{optListMetaContext, metaData(testExport), repErrInvalid}, // before structured replies
-		{4, nil, repErrUnsup}, // withdrawn PEEK_EXPORT
+		{4, nil, repErrUnsup},                                     // withdrawn PEEK_EXPORT
 	} {
 		rs, err := c.opt(tc.opt, tc.data)
 		if err != nil || len(rs) != 1 || rs[0].typ != tc.want {
