@@ -29,22 +29,27 @@ type pageChunk struct {
 	p [psChunk]*cache.Page
 }
 
+// chunk finds b's chunk. It never writes: Get runs under the object's
+// shared lock, in parallel with other readers; only Set and Delete (under
+// the exclusive lock) move the one-entry cache.
 func (s *pageSet) chunk(b int64) *pageChunk {
 	k := b >> psShift
 	if s.last != nil && s.lastKey == k {
 		return s.last
 	}
-	c := s.chunks[k]
+	return s.chunks[k]
+}
+
+func (s *pageSet) remember(b int64, c *pageChunk) {
 	if c != nil {
-		s.lastKey, s.last = k, c
+		s.lastKey, s.last = b>>psShift, c
 	}
-	return c
 }
 
 // Len returns the number of pages held.
 func (s *pageSet) Len() int { return s.n }
 
-// Get returns block b's page, or nil.
+// Get returns block b's page, or nil. Safe in parallel with other Gets.
 func (s *pageSet) Get(b int64) *cache.Page {
 	if s.n == 0 {
 		return nil
@@ -61,6 +66,7 @@ func (s *pageSet) Set(b int64, p *cache.Page) {
 		panic("rawblock: pageSet.Set of a nil page")
 	}
 	c := s.chunk(b)
+	s.remember(b, c)
 	if c == nil {
 		if s.chunks == nil {
 			s.chunks = make(map[int64]*pageChunk)
@@ -90,6 +96,7 @@ func (s *pageSet) Delete(b int64) *cache.Page {
 	if c == nil {
 		return nil
 	}
+	s.remember(b, c)
 	i := b & (psChunk - 1)
 	p := c.p[i]
 	if p == nil {
