@@ -152,8 +152,9 @@ func modelWrite(m []byte, p []byte, off int64) []byte {
 // modelTruncate applies Truncate(size) to m.
 func modelTruncate(m []byte, size int64) []byte {
 	if size <= int64(len(m)) {
-		// A fresh copy: the dropped tail must not come back on extension.
-		return slices.Clone(m[:size])
+		// The dropped tail stays in m's capacity, but every extension
+		// (here and in modelWrite) appends zeros over it.
+		return m[:size]
 	}
 	return append(m, make([]byte, size-int64(len(m)))...)
 }
