@@ -17,9 +17,13 @@ import (
 // cli is the command line. Each subcommand lives in its own file as a type
 // with a Run(*appEnv) error method; adding one is adding a field here.
 type cli struct {
-	Suite suiteCmd `cmd:"" default:"withargs" help:"Run the short default suite on a temporary file (what bench does without arguments)."`
-	Raw   rawCmd   `cmd:"" help:"Benchmark the raw device with O_DIRECT I/O, fio-style (io_uring or pread/pwrite)."`
-	Run   runCmd   `cmd:"" help:"Run a workload through the engine: objects, page cache, delayed allocation."`
+	Suite          suiteCmd          `cmd:"" default:"withargs" help:"Run the short default suite on a temporary file (what bench does without arguments)."`
+	Raw            rawCmd            `cmd:"" help:"Benchmark the raw device with O_DIRECT I/O, fio-style (io_uring or pread/pwrite)."`
+	Run            runCmd            `cmd:"" help:"Run a workload through the engine: objects, page cache, delayed allocation."`
+	Fsck           fsckCmd           `cmd:"" help:"Check a formatted device's metadata, read-only; exit status 1 on any problem."`
+	Inspect        inspectCmd        `cmd:"" help:"Print a formatted device's layout, checkpoint, journal and objects, read-only."`
+	Durability     durabilityCmd     `cmd:"" help:"Measure Sync latency, concurrent Syncs, journal bytes per Sync and recovery time (formats the device)."`
+	DurabilityFill durabilityFillCmd `cmd:"" hidden:"" name:"durability-fill" help:"Internal: the child process of bench durability's recovery measure."`
 }
 
 // appEnv is what every subcommand's Run receives: where to print, and a
