@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"reflect"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -330,6 +331,61 @@ func Open(dev Device, opts Options) (*Engine, error) {
 	if opts.DirtyLimit >= opts.CacheSize {
 		return nil, fmt.Errorf("%w: DirtyLimit %d must be below CacheSize %d", errInvalid, opts.DirtyLimit, opts.CacheSize)
 	}
+	if ro, ok := dev.(interface{ ReadOnly() bool }); ok && ro.ReadOnly() && !opts.ReadOnly {
+		return nil, fmt.Errorf("open: %w: the device was opened read-only; set Options.ReadOnly", ErrReadOnly)
+	}
+	if err := claimDevice(dev, opts.ReadOnly); err != nil {
+		return nil, err
+	}
+	e, err := open(dev, opts)
+	if err != nil {
+		releaseDevice(dev, opts.ReadOnly)
+		return nil, err
+	}
+	return e, nil
+}
+
+// openDevs counts the engines open on each Device value in this process:
+// any number of read-only ones, or one that writes. (OpenDevice's locks
+// guard a device against other opens of its path; this guards one Device
+// value handed to Open twice.)
+var openDevs = struct {
+	sync.Mutex
+	m map[any]int // > 0: read-only engines; -1: one writer
+}{m: map[any]int{}}
+
+func claimDevice(dev Device, readOnly bool) error {
+	if !reflect.TypeOf(dev).Comparable() {
+		return nil
+	}
+	openDevs.Lock()
+	defer openDevs.Unlock()
+	n := openDevs.m[dev]
+	if n < 0 || (n > 0 && !readOnly) {
+		return fmt.Errorf("open: %w: an engine in this process already has this device open", ErrInUse)
+	}
+	if readOnly {
+		openDevs.m[dev] = n + 1
+	} else {
+		openDevs.m[dev] = -1
+	}
+	return nil
+}
+
+func releaseDevice(dev Device, readOnly bool) {
+	if !reflect.TypeOf(dev).Comparable() {
+		return
+	}
+	openDevs.Lock()
+	defer openDevs.Unlock()
+	if n := openDevs.m[dev]; readOnly && n > 1 {
+		openDevs.m[dev] = n - 1
+	} else {
+		delete(openDevs.m, dev)
+	}
+}
+
+func open(dev Device, opts Options) (*Engine, error) {
 	l, err := load(dev)
 	if err != nil {
 		return nil, err
@@ -923,6 +979,7 @@ func (e *Engine) Close() error {
 	if cerr := e.cache.Close(); cerr != nil && err == nil {
 		err = fmt.Errorf("close: page cache: %w", cerr)
 	}
+	releaseDevice(e.dev, e.readOnly)
 	return err
 }
 
