@@ -4,9 +4,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 
 	"pgregory.net/rapid"
@@ -186,15 +188,22 @@ func wantErr(t *rapid.T, op string, err error, ok bool, target error) {
 // for a state machine with eight operations) unless the command line or
 // RAPID_STEPS chose one.
 func longerRuns(t *testing.T, steps int) {
-	f := flag.Lookup("rapid.steps")
-	if f == nil || f.Value.String() != f.DefValue || os.Getenv("RAPID_STEPS") != "" {
-		return
-	}
 	if testing.Short() {
 		steps /= 4
 	}
+	rapidFlag(t, "rapid.steps", steps)
+}
+
+// rapidFlag sets one of rapid's flags for the test unless the command line
+// or the environment (RAPID_CHECKS, RAPID_STEPS) chose a value.
+func rapidFlag(t *testing.T, name string, v int) {
+	f := flag.Lookup(name)
+	env := "RAPID_" + strings.ToUpper(strings.TrimPrefix(name, "rapid."))
+	if f == nil || f.Value.String() != f.DefValue || os.Getenv(env) != "" {
+		return
+	}
 	old := f.Value.String()
-	if err := f.Value.Set(strconv.Itoa(steps)); err != nil {
+	if err := f.Value.Set(strconv.Itoa(v)); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = f.Value.Set(old) })
@@ -204,15 +213,6 @@ func TestSpaceAgainstBitmapModel(t *testing.T) {
 	longerRuns(t, 1000)
 	rapid.Check(t, func(t *rapid.T) {
 		total := rapid.Int64Range(1, 160).Draw(t, "total")
-		m := &model{
-			total:     total,
-			maxExtent: rapid.Int64Range(1, 48).Draw(t, "maxExtent"),
-			state:     make([]uint8, total),
-			busySeq:   make([]uint64, total),
-		}
-		for i := range m.state {
-			m.state[i] = mFree
-		}
 		var used []Extent
 		for pos := int64(0); pos < total; {
 			pos += rapid.Int64Range(0, 20).Draw(t, "usedGap")
@@ -221,214 +221,260 @@ func TestSpaceAgainstBitmapModel(t *testing.T) {
 			}
 			l := rapid.Int64Range(0, min(12, total-pos)).Draw(t, "usedLen")
 			used = append(used, Extent{Start: pos, Len: l})
-			m.set(Extent{Start: pos, Len: l}, mUsed)
 			pos += l
 		}
 		used = rapid.Permutation(used).Draw(t, "usedOrder")
-		s, err := NewSpace(total, used)
-		if err != nil {
-			t.Fatalf("NewSpace(%d, %v): %v", total, used, err)
-		}
-		if err := s.SetMaxExtent(m.maxExtent); err != nil {
-			t.Fatal(err)
-		}
+		checkSpaceAgainstModel(t, total, used, 0)
+	})
+}
 
-		// doAlloc calls Alloc and checks the result extent by extent against
-		// the rule computed on the model's free runs.
-		doAlloc := func(t *rapid.T, want int64) {
-			goal := rapid.Int64Range(-2, total+1).Draw(t, "goal")
-			got, err := s.Alloc(want, goal)
+// TestSpaceAgainstBitmapModelLarge runs the same state machine on a space
+// of thousands of free extents, so that both index trees are several levels
+// deep and the operations that work from a cursor meet leaf boundaries and
+// fall back to full descents. Requests are capped at 64 blocks to keep the
+// model's brute force affordable.
+func TestSpaceAgainstBitmapModelLarge(t *testing.T) {
+	rapidFlag(t, "rapid.checks", 12)
+	rapidFlag(t, "rapid.steps", 300)
+	rapid.Check(t, func(t *rapid.T) {
+		total := rapid.Int64Range(12000, 20000).Draw(t, "total")
+		r := rand.New(rand.NewPCG(rapid.Uint64().Draw(t, "layoutSeed"), 1))
+		var used []Extent
+		for pos := r.Int64N(3); pos < total; {
+			l := min(r.Int64N(3)+1, total-pos)
+			used = append(used, Extent{Start: pos, Len: l})
+			pos += l + r.Int64N(4) + 1
+		}
+		checkSpaceAgainstModel(t, total, used, 64)
+	})
+}
+
+// checkSpaceAgainstModel builds a Space of total blocks with the used
+// extents and runs random operations on it and on the bitmap model,
+// comparing every result, error and statistic. maxN > 0 caps the blocks
+// one Reserve or Alloc asks for.
+func checkSpaceAgainstModel(t *rapid.T, total int64, used []Extent, maxN int64) {
+	capN := func(n int64) int64 {
+		if maxN > 0 {
+			return min(n, maxN)
+		}
+		return n
+	}
+	m := &model{
+		total:     total,
+		maxExtent: rapid.Int64Range(1, 48).Draw(t, "maxExtent"),
+		state:     make([]uint8, total),
+		busySeq:   make([]uint64, total),
+	}
+	for i := range m.state {
+		m.state[i] = mFree
+	}
+	for _, e := range used {
+		m.set(e, mUsed)
+	}
+	s, err := NewSpace(total, used)
+	if err != nil {
+		t.Fatalf("NewSpace(%d, %v): %v", total, used, err)
+	}
+	if err := s.SetMaxExtent(m.maxExtent); err != nil {
+		t.Fatal(err)
+	}
+
+	// doAlloc calls Alloc and checks the result extent by extent against
+	// the rule computed on the model's free runs.
+	doAlloc := func(t *rapid.T, want int64) {
+		goal := rapid.Int64Range(-2, total+1).Draw(t, "goal")
+		got, err := s.Alloc(want, goal)
+		switch {
+		case want < 0 || want > m.reserved:
+			wantErr(t, "Alloc", err, false, ErrInvalid)
+			return
+		case want == 0:
+			if err != nil || len(got) != 0 {
+				t.Fatalf("Alloc(0) = %v, %v; want nothing", got, err)
+			}
+			return
+		case want > m.count(mFree):
+			wantErr(t, "Alloc", err, false, ErrBusy)
+			if !errors.Is(err, ErrNoSpace) {
+				t.Fatalf("Alloc: busy error %v does not wrap ErrNoSpace", err)
+			}
+			return
+		}
+		wantErr(t, "Alloc", err, true, nil)
+		if k := m.minPieces(want); len(got) != k {
+			t.Fatalf("Alloc(%d, %d) = %v: %d extents, fewest possible %d", want, goal, got, len(got), k)
+		}
+		rem, g := want, max(-1, min(goal, total))
+		for i, e := range got {
+			if rem <= 0 {
+				t.Fatalf("Alloc(%d, %d) = %v: more than want", want, goal, got)
+			}
+			if e.Len <= 0 || e.Start < 0 || e.End() > total || !m.all(e, mFree) {
+				t.Fatalf("Alloc(%d, %d) = %v: extent %d %v is not allocatable in the model", want, goal, got, i, e)
+			}
+			if exp := m.expectPiece(rem, g); e != exp {
+				t.Fatalf("Alloc(%d, %d) = %v: extent %d is %v, rule says %v (free runs %v)", want, goal, got, i, e, exp, m.runs(mFree))
+			}
+			m.set(e, mUsed)
+			rem -= e.Len
+			g = e.End()
+		}
+		if rem != 0 {
+			t.Fatalf("Alloc(%d, %d) = %v: %d blocks short", want, goal, got, rem)
+		}
+		m.reserved -= want
+	}
+
+	t.Repeat(map[string]func(*rapid.T){
+		"Reserve": func(t *rapid.T) {
+			n := rapid.Int64Range(-1, capN(m.spendable()+2)).Draw(t, "n")
+			err := s.Reserve(n)
 			switch {
-			case want < 0 || want > m.reserved:
-				wantErr(t, "Alloc", err, false, ErrInvalid)
-				return
-			case want == 0:
-				if err != nil || len(got) != 0 {
-					t.Fatalf("Alloc(0) = %v, %v; want nothing", got, err)
-				}
-				return
-			case want > m.count(mFree):
-				wantErr(t, "Alloc", err, false, ErrBusy)
-				if !errors.Is(err, ErrNoSpace) {
-					t.Fatalf("Alloc: busy error %v does not wrap ErrNoSpace", err)
-				}
-				return
-			}
-			wantErr(t, "Alloc", err, true, nil)
-			if k := m.minPieces(want); len(got) != k {
-				t.Fatalf("Alloc(%d, %d) = %v: %d extents, fewest possible %d", want, goal, got, len(got), k)
-			}
-			rem, g := want, max(-1, min(goal, total))
-			for i, e := range got {
-				if rem <= 0 {
-					t.Fatalf("Alloc(%d, %d) = %v: more than want", want, goal, got)
-				}
-				if e.Len <= 0 || e.Start < 0 || e.End() > total || !m.all(e, mFree) {
-					t.Fatalf("Alloc(%d, %d) = %v: extent %d %v is not allocatable in the model", want, goal, got, i, e)
-				}
-				if exp := m.expectPiece(rem, g); e != exp {
-					t.Fatalf("Alloc(%d, %d) = %v: extent %d is %v, rule says %v (free runs %v)", want, goal, got, i, e, exp, m.runs(mFree))
-				}
-				m.set(e, mUsed)
-				rem -= e.Len
-				g = e.End()
-			}
-			if rem != 0 {
-				t.Fatalf("Alloc(%d, %d) = %v: %d blocks short", want, goal, got, rem)
-			}
-			m.reserved -= want
-		}
-
-		t.Repeat(map[string]func(*rapid.T){
-			"Reserve": func(t *rapid.T) {
-				n := rapid.Int64Range(-1, m.spendable()+2).Draw(t, "n")
-				err := s.Reserve(n)
-				switch {
-				case n < 0:
-					wantErr(t, "Reserve", err, false, ErrInvalid)
-				case n <= m.spendable():
-					wantErr(t, "Reserve", err, true, nil)
-					m.reserved += n
-				default:
-					wantErr(t, "Reserve", err, false, ErrNoSpace)
-				}
-			},
-			"Unreserve": func(t *rapid.T) {
-				n := rapid.Int64Range(-1, m.reserved+2).Draw(t, "n")
-				err := s.Unreserve(n)
-				switch {
-				case n < 0 || n > m.reserved:
-					wantErr(t, "Unreserve", err, false, ErrInvalid)
-				default:
-					wantErr(t, "Unreserve", err, true, nil)
-					m.reserved -= n
-				}
-			},
-			"Alloc": func(t *rapid.T) {
-				doAlloc(t, rapid.Int64Range(-1, m.reserved+2).Draw(t, "want"))
-			},
-			// Most allocations in real use follow a reservation of the same
-			// size; without this action few Allocs would succeed.
-			"ReserveAlloc": func(t *rapid.T) {
-				sp := m.spendable()
-				if sp == 0 {
-					t.Skip("nothing spendable")
-				}
-				n := rapid.Int64Range(1, sp).Draw(t, "n")
-				if err := s.Reserve(n); err != nil {
-					t.Fatalf("Reserve(%d) with %d spendable: %v", n, sp, err)
-				}
+			case n < 0:
+				wantErr(t, "Reserve", err, false, ErrInvalid)
+			case n <= m.spendable():
+				wantErr(t, "Reserve", err, true, nil)
 				m.reserved += n
-				doAlloc(t, n)
-			},
-			"Free": func(t *rapid.T) {
-				e := m.genExtent(t, mUsed, "free")
-				seq := rapid.Uint64Range(0, m.nextSeq+1).Draw(t, "seq")
-				err := s.Free(e, seq)
-				switch {
-				case e.Len == 0:
-					wantErr(t, "Free", err, true, nil)
-				case !m.all(e, mUsed):
-					wantErr(t, fmt.Sprintf("Free(%v)", e), err, false, ErrInvalid)
-				default:
-					wantErr(t, "Free", err, true, nil)
-					if m.anyCommit && seq <= m.committed {
-						m.set(e, mFree)
-					} else {
-						m.set(e, mBusy)
-						for b := e.Start; b < e.End(); b++ {
-							m.busySeq[b] = seq
-						}
-					}
-					m.nextSeq = max(m.nextSeq, seq+1)
-				}
-			},
-			"Commit": func(t *rapid.T) {
-				seq := rapid.Uint64Range(0, m.nextSeq+1).Draw(t, "seq")
-				s.Commit(seq)
-				if !m.anyCommit || seq > m.committed {
-					m.committed, m.anyCommit = seq, true
-				}
-				for b, st := range m.state {
-					if st == mBusy && m.busySeq[b] <= seq {
-						m.state[b] = mFree
-					}
-				}
-			},
-			"HoldAt": func(t *rapid.T) {
-				var start int64
-				if runs := m.runs(mFree); len(runs) > 0 && rapid.Bool().Draw(t, "holdValid") {
-					r := rapid.SampledFrom(runs).Draw(t, "holdRun")
-					start = r.Start + rapid.Int64Range(0, r.Len-1).Draw(t, "holdOff")
-				} else {
-					start = rapid.Int64Range(-1, total).Draw(t, "holdStart")
-				}
-				maxLen := rapid.Int64Range(-1, 40).Draw(t, "maxLen")
-				got := s.HoldAt(start, maxLen)
-				want := Extent{Start: start}
-				if maxLen > 0 && start >= 0 && start < total && m.state[start] == mFree {
-					for want.End() < total && want.Len < maxLen && m.state[want.End()] == mFree {
-						want.Len++
-					}
-				}
-				if got != want {
-					t.Fatalf("HoldAt(%d, %d) = %v, want %v", start, maxLen, got, want)
-				}
-				m.set(want, mHeld)
-			},
-			"ClaimHeld": func(t *rapid.T) {
-				e := m.genExtent(t, mHeld, "claim")
-				err := s.ClaimHeld(e)
-				switch {
-				case e.Len == 0:
-					wantErr(t, "ClaimHeld", err, true, nil)
-				case !m.all(e, mHeld) || e.Len > m.reserved:
-					wantErr(t, fmt.Sprintf("ClaimHeld(%v)", e), err, false, ErrInvalid)
-				default:
-					wantErr(t, "ClaimHeld", err, true, nil)
-					m.set(e, mUsed)
-					m.reserved -= e.Len
-				}
-			},
-			"Unhold": func(t *rapid.T) {
-				e := m.genExtent(t, mHeld, "unhold")
-				err := s.Unhold(e)
-				switch {
-				case e.Len == 0:
-					wantErr(t, "Unhold", err, true, nil)
-				case !m.all(e, mHeld):
-					wantErr(t, fmt.Sprintf("Unhold(%v)", e), err, false, ErrInvalid)
-				default:
-					wantErr(t, "Unhold", err, true, nil)
+			default:
+				wantErr(t, "Reserve", err, false, ErrNoSpace)
+			}
+		},
+		"Unreserve": func(t *rapid.T) {
+			n := rapid.Int64Range(-1, m.reserved+2).Draw(t, "n")
+			err := s.Unreserve(n)
+			switch {
+			case n < 0 || n > m.reserved:
+				wantErr(t, "Unreserve", err, false, ErrInvalid)
+			default:
+				wantErr(t, "Unreserve", err, true, nil)
+				m.reserved -= n
+			}
+		},
+		"Alloc": func(t *rapid.T) {
+			doAlloc(t, rapid.Int64Range(-1, capN(m.reserved+2)).Draw(t, "want"))
+		},
+		// Most allocations in real use follow a reservation of the same
+		// size; without this action few Allocs would succeed.
+		"ReserveAlloc": func(t *rapid.T) {
+			sp := m.spendable()
+			if sp == 0 {
+				t.Skip("nothing spendable")
+			}
+			n := rapid.Int64Range(1, capN(sp)).Draw(t, "n")
+			if err := s.Reserve(n); err != nil {
+				t.Fatalf("Reserve(%d) with %d spendable: %v", n, sp, err)
+			}
+			m.reserved += n
+			doAlloc(t, n)
+		},
+		"Free": func(t *rapid.T) {
+			e := m.genExtent(t, mUsed, "free")
+			seq := rapid.Uint64Range(0, m.nextSeq+1).Draw(t, "seq")
+			err := s.Free(e, seq)
+			switch {
+			case e.Len == 0:
+				wantErr(t, "Free", err, true, nil)
+			case !m.all(e, mUsed):
+				wantErr(t, fmt.Sprintf("Free(%v)", e), err, false, ErrInvalid)
+			default:
+				wantErr(t, "Free", err, true, nil)
+				if m.anyCommit && seq <= m.committed {
 					m.set(e, mFree)
+				} else {
+					m.set(e, mBusy)
+					for b := e.Start; b < e.End(); b++ {
+						m.busySeq[b] = seq
+					}
 				}
-			},
-			"": func(t *rapid.T) {
-				if err := s.Check(); err != nil {
-					t.Fatalf("Check: %v", err)
+				m.nextSeq = max(m.nextSeq, seq+1)
+			}
+		},
+		"Commit": func(t *rapid.T) {
+			seq := rapid.Uint64Range(0, m.nextSeq+1).Draw(t, "seq")
+			s.Commit(seq)
+			if !m.anyCommit || seq > m.committed {
+				m.committed, m.anyCommit = seq, true
+			}
+			for b, st := range m.state {
+				if st == mBusy && m.busySeq[b] <= seq {
+					m.state[b] = mFree
 				}
-				free, busy, held, usedN := m.count(mFree), m.count(mBusy), m.count(mHeld), m.count(mUsed)
-				runs := m.runs(mFree)
-				var largest int64
-				for _, r := range runs {
-					largest = max(largest, r.Len)
+			}
+		},
+		"HoldAt": func(t *rapid.T) {
+			var start int64
+			if runs := m.runs(mFree); len(runs) > 0 && rapid.Bool().Draw(t, "holdValid") {
+				r := rapid.SampledFrom(runs).Draw(t, "holdRun")
+				start = r.Start + rapid.Int64Range(0, r.Len-1).Draw(t, "holdOff")
+			} else {
+				start = rapid.Int64Range(-1, total).Draw(t, "holdStart")
+			}
+			maxLen := rapid.Int64Range(-1, 40).Draw(t, "maxLen")
+			got := s.HoldAt(start, maxLen)
+			want := Extent{Start: start}
+			if maxLen > 0 && start >= 0 && start < total && m.state[start] == mFree {
+				for want.End() < total && want.Len < maxLen && m.state[want.End()] == mFree {
+					want.Len++
 				}
-				want := Stats{
-					Total: total, Free: free + busy + held - m.reserved, Reserved: m.reserved, Allocated: usedN,
-					Busy: busy, Held: held, Allocatable: free, FreeExtents: len(runs), LargestFree: largest,
-				}
-				if got := s.Stats(); got != want {
-					t.Fatalf("Stats = %+v, model %+v", got, want)
-				}
-				if c := s.Counts(); c.Free+c.Reserved+c.Allocated != c.Total || c.Free < 0 || c.Reserved < 0 || c.Allocated < 0 {
-					t.Fatalf("Counts %+v break the accounting invariant", c)
-				}
-				var got []Extent
-				s.FreeExtents(func(e Extent) bool { got = append(got, e); return true })
-				if !slices.Equal(got, runs) {
-					t.Fatalf("free extents %v, model's maximal free runs %v (not coalesced?)", got, runs)
-				}
-			},
-		})
+			}
+			if got != want {
+				t.Fatalf("HoldAt(%d, %d) = %v, want %v", start, maxLen, got, want)
+			}
+			m.set(want, mHeld)
+		},
+		"ClaimHeld": func(t *rapid.T) {
+			e := m.genExtent(t, mHeld, "claim")
+			err := s.ClaimHeld(e)
+			switch {
+			case e.Len == 0:
+				wantErr(t, "ClaimHeld", err, true, nil)
+			case !m.all(e, mHeld) || e.Len > m.reserved:
+				wantErr(t, fmt.Sprintf("ClaimHeld(%v)", e), err, false, ErrInvalid)
+			default:
+				wantErr(t, "ClaimHeld", err, true, nil)
+				m.set(e, mUsed)
+				m.reserved -= e.Len
+			}
+		},
+		"Unhold": func(t *rapid.T) {
+			e := m.genExtent(t, mHeld, "unhold")
+			err := s.Unhold(e)
+			switch {
+			case e.Len == 0:
+				wantErr(t, "Unhold", err, true, nil)
+			case !m.all(e, mHeld):
+				wantErr(t, fmt.Sprintf("Unhold(%v)", e), err, false, ErrInvalid)
+			default:
+				wantErr(t, "Unhold", err, true, nil)
+				m.set(e, mFree)
+			}
+		},
+		"": func(t *rapid.T) {
+			if err := s.Check(); err != nil {
+				t.Fatalf("Check: %v", err)
+			}
+			free, busy, held, usedN := m.count(mFree), m.count(mBusy), m.count(mHeld), m.count(mUsed)
+			runs := m.runs(mFree)
+			var largest int64
+			for _, r := range runs {
+				largest = max(largest, r.Len)
+			}
+			want := Stats{
+				Total: total, Free: free + busy + held - m.reserved, Reserved: m.reserved, Allocated: usedN,
+				Busy: busy, Held: held, Allocatable: free, FreeExtents: len(runs), LargestFree: largest,
+			}
+			if got := s.Stats(); got != want {
+				t.Fatalf("Stats = %+v, model %+v", got, want)
+			}
+			if c := s.Counts(); c.Free+c.Reserved+c.Allocated != c.Total || c.Free < 0 || c.Reserved < 0 || c.Allocated < 0 {
+				t.Fatalf("Counts %+v break the accounting invariant", c)
+			}
+			var got []Extent
+			s.FreeExtents(func(e Extent) bool { got = append(got, e); return true })
+			if !slices.Equal(got, runs) {
+				t.Fatalf("free extents %v, model's maximal free runs %v (not coalesced?)", got, runs)
+			}
+		},
 	})
 }
