@@ -24,6 +24,7 @@ type cli struct {
 	Inspect        inspectCmd        `cmd:"" help:"Print a formatted device's layout, checkpoint, journal and objects, read-only."`
 	Durability     durabilityCmd     `cmd:"" help:"Measure Sync latency, concurrent Syncs, journal bytes per Sync and recovery time (formats the device)."`
 	DurabilityFill durabilityFillCmd `cmd:"" hidden:"" name:"durability-fill" help:"Internal: the child process of bench durability's recovery measure."`
+	Crash          crashCmd          `cmd:"" help:"Cut the power at random points of random workloads on an in-memory fault device and check every durability promise after each reboot."`
 }
 
 // appEnv is what every subcommand's Run receives: where to print, and a
