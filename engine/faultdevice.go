@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"sync"
 )
@@ -100,7 +101,7 @@ type FaultDevice struct {
 	bs   int
 
 	mu      sync.RWMutex
-	durable map[int64][]byte // chunk index -> memChunk bytes as of the last Flush
+	durable map[int64][]byte // chunk index -> faultChunk bytes as of the last Flush
 	pending []*pendingWrite  // writes since the last Flush, in completion order
 	// latest maps a sector to the newest pending write covering it, so
 	// reads see the volatile state.
@@ -125,13 +126,46 @@ type activeFault struct {
 	seen int // matching calls so far
 }
 
+// Geometry limits of a FaultDevice (those of the devices OpenDevice
+// accepts), and its storage unit: untouched chunks take no memory.
+const (
+	faultMinBlock = 512
+	faultMaxBlock = 65536
+	faultChunk    = 64 << 10
+)
+
+// faultCheck validates a request as MemDevice and FileDevice do, before
+// anything happens: each buffer a whole number of blocks, the offset
+// aligned, the whole inside the device. It returns the total length.
+func (d *FaultDevice) faultCheck(write bool, bufs [][]byte, off int64) (int64, error) {
+	op := "read"
+	if write {
+		op = "write"
+	}
+	bs := int64(d.bs)
+	var total int64
+	for _, b := range bufs {
+		if int64(len(b))%bs != 0 {
+			return 0, fmt.Errorf("rawblock: fault device: %s of a %d-byte buffer: not a multiple of the %d-byte block size: %w", op, len(b), bs, ErrMisaligned)
+		}
+		total += int64(len(b))
+	}
+	if off%bs != 0 {
+		return 0, fmt.Errorf("rawblock: fault device: %s at offset %d: not a multiple of the %d-byte block size: %w", op, off, bs, ErrMisaligned)
+	}
+	if off < 0 || off > d.size || total > d.size-off {
+		return 0, fmt.Errorf("rawblock: fault device: %s of %d bytes at offset %d: outside the %d-byte device: %w", op, total, off, d.size, ErrOutOfRange)
+	}
+	return total, nil
+}
+
 // NewFaultDevice returns an empty fault device of size bytes with the given
 // logical block (sector) size. It panics (a programming error) unless
 // blockSize is a power of two in 512..65536 and size a positive multiple
 // of it.
 func NewFaultDevice(size int64, blockSize int) *FaultDevice {
-	if blockSize < minDeviceBlock || blockSize > maxDeviceBlock || blockSize&(blockSize-1) != 0 {
-		panic(fmt.Sprintf("rawblock: NewFaultDevice: block size %d: want a power of two in %d..%d", blockSize, minDeviceBlock, maxDeviceBlock))
+	if blockSize < faultMinBlock || blockSize > faultMaxBlock || blockSize&(blockSize-1) != 0 {
+		panic(fmt.Sprintf("rawblock: NewFaultDevice: block size %d: want a power of two in %d..%d", blockSize, faultMinBlock, faultMaxBlock))
 	}
 	if size <= 0 || size%int64(blockSize) != 0 {
 		panic(fmt.Sprintf("rawblock: NewFaultDevice: size %d: want a positive multiple of the block size %d", size, blockSize))
@@ -145,7 +179,10 @@ func NewFaultDevice(size int64, blockSize int) *FaultDevice {
 	}
 }
 
-var _ VectoredDevice = (*FaultDevice)(nil)
+var (
+	_ Device         = (*FaultDevice)(nil)
+	_ VectoredDevice = (*FaultDevice)(nil)
+)
 
 // Size implements Device.
 func (d *FaultDevice) Size() int64 { return d.size }
@@ -210,15 +247,15 @@ func (d *FaultDevice) shortLen(n int64) int64 {
 // ReadAt implements Device: the newest write to each sector, flushed or
 // not; never-written sectors read as zeros.
 func (d *FaultDevice) ReadAt(p []byte, off int64) (int, error) {
-	return d.readv([][]byte{p}, off, "fault device")
+	return d.readv([][]byte{p}, off)
 }
 
 // ReadvAt implements VectoredDevice: one read call.
 func (d *FaultDevice) ReadvAt(bufs [][]byte, off int64) (int, error) {
-	return d.readv(bufs, off, "vectored fault device")
+	return d.readv(bufs, off)
 }
 
-func (d *FaultDevice) readv(bufs [][]byte, off int64, name string) (int, error) {
+func (d *FaultDevice) readv(bufs [][]byte, off int64) (int, error) {
 	// Faults and the counters change on reads, so a read takes the lock
 	// exclusively; the data copy is cheap next to what tests do with it.
 	d.mu.Lock()
@@ -226,7 +263,7 @@ func (d *FaultDevice) readv(bufs [][]byte, off int64, name string) (int, error) 
 	if err := d.stateErr("read"); err != nil {
 		return 0, err
 	}
-	total, err := checkVec(name, false, int64(d.bs), d.size, bufs, off, false)
+	total, err := d.faultCheck(false, bufs, off)
 	if err != nil {
 		return 0, err
 	}
@@ -270,8 +307,8 @@ func (d *FaultDevice) readLocked(p []byte, off int64) {
 func (d *FaultDevice) readDurable(p []byte, off int64) {
 	for done := 0; done < len(p); {
 		pos := off + int64(done)
-		idx, in := pos/memChunk, int(pos%memChunk)
-		n := min(memChunk-in, len(p)-done)
+		idx, in := pos/faultChunk, int(pos%faultChunk)
+		n := min(faultChunk-in, len(p)-done)
 		if c := d.durable[idx]; c != nil {
 			copy(p[done:done+n], c[in:])
 		} else {
@@ -284,11 +321,11 @@ func (d *FaultDevice) readDurable(p []byte, off int64) {
 func writeChunks(store map[int64][]byte, p []byte, off int64) {
 	for done := 0; done < len(p); {
 		pos := off + int64(done)
-		idx, in := pos/memChunk, int(pos%memChunk)
-		n := min(memChunk-in, len(p)-done)
+		idx, in := pos/faultChunk, int(pos%faultChunk)
+		n := min(faultChunk-in, len(p)-done)
 		c := store[idx]
 		if c == nil {
-			c = make([]byte, memChunk)
+			c = make([]byte, faultChunk)
 			store[idx] = c
 		}
 		copy(c[in:], p[done:done+n])
@@ -299,12 +336,12 @@ func writeChunks(store map[int64][]byte, p []byte, off int64) {
 // WriteAt implements Device: the data is visible at once and durable after
 // the next successful Flush.
 func (d *FaultDevice) WriteAt(p []byte, off int64) (int, error) {
-	return d.writev([][]byte{p}, off, "fault device")
+	return d.writev([][]byte{p}, off)
 }
 
 // WritevAt implements VectoredDevice: one write call, torn as one.
 func (d *FaultDevice) WritevAt(bufs [][]byte, off int64) (int, error) {
-	return d.writev(bufs, off, "vectored fault device")
+	return d.writev(bufs, off)
 }
 
 // tick advances the crash-point clock for a write or flush and reports
@@ -318,13 +355,13 @@ func (d *FaultDevice) tick() bool {
 	return false
 }
 
-func (d *FaultDevice) writev(bufs [][]byte, off int64, name string) (int, error) {
+func (d *FaultDevice) writev(bufs [][]byte, off int64) (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.stateErr("write"); err != nil {
 		return 0, err
 	}
-	total, err := checkVec(name, true, int64(d.bs), d.size, bufs, off, false)
+	total, err := d.faultCheck(true, bufs, off)
 	if err != nil {
 		return 0, err
 	}
@@ -408,13 +445,13 @@ func (d *FaultDevice) Close() error {
 func (d *FaultDevice) Inject(f Fault) error {
 	switch {
 	case f.Op != FaultRead && f.Op != FaultWrite && f.Op != FaultFlush:
-		return fmt.Errorf("%w: fault device: unknown fault op %v", errInvalid, f.Op)
+		return fmt.Errorf("%w: fault device: unknown fault op %v", fs.ErrInvalid, f.Op)
 	case f.Skip < 0:
-		return fmt.Errorf("%w: fault device: negative Skip %d", errInvalid, f.Skip)
+		return fmt.Errorf("%w: fault device: negative Skip %d", fs.ErrInvalid, f.Skip)
 	case (f.Err == nil) == !f.Short:
-		return fmt.Errorf("%w: fault device: a fault sets exactly one of Err and Short", errInvalid)
+		return fmt.Errorf("%w: fault device: a fault sets exactly one of Err and Short", fs.ErrInvalid)
 	case f.Short && f.Op == FaultFlush:
-		return fmt.Errorf("%w: fault device: a flush cannot be short", errInvalid)
+		return fmt.Errorf("%w: fault device: a flush cannot be short", fs.ErrInvalid)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -25,6 +25,7 @@ type crashCmd struct {
 	MaxObject    byteSize `name:"max-object" default:"1M" help:"Largest object size (objects × max-object ≤ half the device)."`
 	MaxWrite     byteSize `name:"max-write" default:"1M" help:"Largest single write (≤ max-object)."`
 	Cache        byteSize `default:"4M" help:"Engine page cache (at least 4M; small, so writeback also runs on its own)."`
+	Metadata     byteSize `name:"metadata-size" default:"0" help:"Journal and checkpoint region at format; 0: each run picks the engine's default or, half the time, 128K or 256K so that checkpoints happen often."`
 	Steps        int      `default:"12" help:"Mean workload operations between power cuts (1..10000)."`
 	PointsPerRun int      `name:"points-per-run" default:"20" help:"Crash points per formatted device before the next run starts afresh."`
 	NoFsck       bool     `name:"no-fsck" help:"Skip engine.Check of the device after every power cut."`
@@ -69,6 +70,7 @@ func (c *crashCmd) Run(env *appEnv) error {
 		MaxObjectSize: int64(c.MaxObject),
 		MaxWrite:      int64(c.MaxWrite),
 		CacheSize:     int64(c.Cache),
+		MetadataSize:  int64(c.Metadata),
 		Steps:         c.Steps,
 		Wrap:          c.wrap,
 	}

@@ -55,6 +55,11 @@ type Config struct {
 	// CacheSize is the engine's page cache; default 4 MiB, so writeback
 	// also happens on its own.
 	CacheSize int64
+	// MetadataSize is FormatOptions.MetadataSize (journal and checkpoints).
+	// 0: each run picks the engine's default or, half the time, a small
+	// region of 128 or 256 KiB, so that the journal fills and checkpoints
+	// (and power cuts during them) happen often.
+	MetadataSize int64
 	// Steps is the mean number of workload operations between crashes;
 	// default 12.
 	Steps int
@@ -131,6 +136,8 @@ func (c *Config) setDefaults() error {
 		return bad("CacheSize %d: want ≥ %d", c.CacheSize, minCacheSize)
 	case c.Steps < 1 || c.Steps > maxSteps:
 		return bad("Steps %d: want 1..%d", c.Steps, maxSteps)
+	case c.MetadataSize < 0:
+		return bad("MetadataSize %d: want ≥ 0", c.MetadataSize)
 	case c.StepTimeout < 0 || c.Grace < 0:
 		return bad("negative StepTimeout or Grace")
 	}
@@ -148,18 +155,20 @@ type Stats struct {
 	Steps           int64
 	Syncs           int64 // Object.Sync and Engine.Sync calls that returned nil
 	BytesWritten    int64
-	Volatile        int64 // writes volatile at the power cuts
-	Kept            int64 // of those, persisted wholly or in part
-	Torn            int64 // of the kept ones, persisted in part
-	NoSpace         int64 // writes refused with ErrNoSpace (nothing changed)
-	Abandoned       int   // engines left behind with a call blocked after a power cut
+	Volatile        int64  // writes volatile at the power cuts
+	Kept            int64  // of those, persisted wholly or in part
+	Torn            int64  // of the kept ones, persisted in part
+	NoSpace         int64  // changes refused with ErrNoSpace or ErrMetadataFull (nothing changed)
+	Checkpoints     uint64 // checkpoints the engines completed during workloads (engine.Stats; not Close's)
+	Commits         uint64 // metadata commits the engines completed
+	Abandoned       int    // engines left behind with a call blocked after a power cut
 	Elapsed         time.Duration
 }
 
 func (s Stats) String() string {
-	return fmt.Sprintf("%d crash points (%d workload, %d recovery, %d close; %d clean closes) in %d runs, %v: %d steps, %d syncs, %d MiB written; at the cuts %d volatile writes, %d kept, %d torn; %d ENOSPC, %d engines abandoned",
+	return fmt.Sprintf("%d crash points (%d workload, %d recovery, %d close; %d clean closes) in %d runs, %v: %d steps, %d syncs, %d MiB written; %d commits, %d checkpoints; at the cuts %d volatile writes, %d kept, %d torn; %d refused for space, %d engines abandoned",
 		s.Points, s.WorkloadCrashes, s.RecoveryCrashes, s.CloseCrashes, s.CleanCloses, s.Runs, s.Elapsed.Round(time.Millisecond),
-		s.Steps, s.Syncs, s.BytesWritten>>20, s.Volatile, s.Kept, s.Torn, s.NoSpace, s.Abandoned)
+		s.Steps, s.Syncs, s.BytesWritten>>20, s.Commits, s.Checkpoints, s.Volatile, s.Kept, s.Torn, s.NoSpace, s.Abandoned)
 }
 
 // Failure is a broken promise (or an engine error the workload did not

@@ -69,8 +69,12 @@ type misdirect struct {
 
 func (m misdirect) ReadAt(p []byte, off int64) (int, error) {
 	*m.n++
-	if *m.n%7 == 0 && off >= 4<<20 && off+int64(len(p))+64<<10 <= m.Size() {
-		off += 64 << 10
+	if *m.n%7 == 0 {
+		if off+int64(len(p))+64<<10 <= m.Size() {
+			off += 64 << 10
+		} else {
+			off -= 64 << 10
+		}
 	}
 	return m.FaultDevice.ReadAt(p, off)
 }

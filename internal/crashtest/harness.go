@@ -128,8 +128,13 @@ func (h *harness) run(points int) error {
 	h.point = 1
 	h.tracef("run seed %d: device %d bytes, %d-byte sectors, %d objects of at most %d bytes, writes up to %d, cache %d",
 		h.seed, h.cfg.DeviceSize, h.cfg.SectorSize, h.cfg.Objects, h.cfg.MaxObjectSize, h.cfg.MaxWrite, h.cfg.CacheSize)
+	meta := h.cfg.MetadataSize
+	if meta == 0 && h.rng.IntN(2) == 0 {
+		meta = int64(128<<10) << h.rng.IntN(2)
+	}
+	h.tracef("format: metadata size %d (0: the engine's default)", meta)
 	h.dev = engine.NewFaultDevice(h.cfg.DeviceSize, h.cfg.SectorSize)
-	if err := engine.Format(h.dev, engine.FormatOptions{}); err != nil {
+	if err := engine.Format(h.dev, engine.FormatOptions{MetadataSize: meta}); err != nil {
 		return fmt.Errorf("format: %w", err)
 	}
 	if err := h.open(); err != nil {
@@ -158,6 +163,7 @@ func (h *harness) run(points int) error {
 		h.point = h.cuts + 1
 	}
 	// A clean Close keeps everything: reopen and compare exactly.
+	h.engineStats()
 	if err := h.call("final Close", h.e.Close); err != nil {
 		return fmt.Errorf("final Close: %w", err)
 	}
@@ -177,11 +183,23 @@ func (h *harness) run(points int) error {
 	if err := h.verify(); err != nil {
 		return fmt.Errorf("after the final Close: %w", err)
 	}
+	h.engineStats()
 	if err := h.call("Close", h.e.Close); err != nil {
 		return fmt.Errorf("Close: %w", err)
 	}
 	h.e = nil
 	return nil
+}
+
+// engineStats adds the engine's metadata counters to the run's, before
+// its Close (so Close's own checkpoint is not counted).
+func (h *harness) engineStats() {
+	e := h.e
+	var es engine.Stats
+	if h.call("Stats", func() error { es = e.Stats(); return nil }) == nil {
+		h.st.Checkpoints += es.Checkpoints
+		h.st.Commits += es.Commits
+	}
 }
 
 func (h *harness) open() error {
@@ -208,12 +226,13 @@ func (h *harness) retire() {
 	if h.e == nil {
 		return
 	}
-	e := h.e
-	h.e = nil
-	clear(h.objs)
 	if !h.dev.Crashed() {
 		h.dev.Crash()
 	}
+	h.engineStats()
+	e := h.e
+	h.e = nil
+	clear(h.objs)
 	_ = h.call("Close after the power cut", e.Close)
 }
 
@@ -274,6 +293,7 @@ func (h *harness) closeCycle() error {
 	m0 := h.dev.Mutations()
 	h.dev.CrashAfter(n)
 	h.tracef("Close, power cut armed after %d device writes/flushes", n)
+	h.engineStats()
 	e := h.e
 	h.e = nil
 	clear(h.objs)
