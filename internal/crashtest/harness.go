@@ -162,7 +162,11 @@ func (h *harness) run(points int) error {
 		}
 		h.point = h.cuts + 1
 	}
-	// A clean Close keeps everything: reopen and compare exactly.
+	// A clean Close keeps everything: reopen and compare exactly. A
+	// failure here belongs to the last crash point, so that replaying
+	// that many points ends with this same Close.
+	h.point = h.cuts
+	h.tracef("final Close")
 	h.engineStats()
 	if err := h.call("final Close", h.e.Close); err != nil {
 		return fmt.Errorf("final Close: %w", err)
