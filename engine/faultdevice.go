@@ -110,7 +110,7 @@ type FaultDevice struct {
 	closed   bool
 	crashed  bool
 	rebooted bool  // its storage moved to the rebooted device
-	crashAt  int64 // crash when mutations reaches it; <0: not armed
+	crashAt  int64 // the mutation after this count is cut; <0: not armed
 	faults   []*activeFault
 	stats    FaultStats
 	mutation int64 // writes and flushes so far (the crash-point clock)
