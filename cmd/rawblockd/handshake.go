@@ -117,7 +117,13 @@ func (c *conn) run() {
 	log = log.With("export", ex.name)
 	log.Info("client connected", "size", ex.size, "structured", c.structured, "base_allocation", ex.meta)
 	err = c.transmit(ex)
-	if err != nil {
+	switch {
+	case errors.Is(err, errNoDisc):
+		// Common (nbdfuse, a killed client): nothing was lost that the
+		// client had not been told about.
+		log.Info("client disconnected without NBD_CMD_DISC")
+		return
+	case err != nil:
 		log.Warn("client dropped", "err", err)
 		return
 	}

@@ -22,6 +22,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"strconv"
@@ -98,6 +99,7 @@ type serveCmd struct {
 	Listen          string        `placeholder:"HOST:PORT" help:"TCP address to serve on (default 127.0.0.1:10809 unless --socket is given)."`
 	Socket          string        `placeholder:"PATH" help:"Unix socket to serve on."`
 	Metrics         string        `placeholder:"HOST:PORT" help:"Serve Prometheus metrics at http://HOST:PORT/metrics."`
+	Pprof           bool          `help:"Also serve Go's profiler at /debug/pprof/ on the --metrics address."`
 	ReadOnly        bool          `help:"Open the engine read-only and export every object read-only."`
 	Export          []string      `placeholder:"NAME=SIZE" help:"Create export NAME of SIZE at start if it does not exist (an existing one must have that size). Repeatable."`
 	DefaultExport   string        `placeholder:"NAME" help:"Export served to clients that ask for the empty (default) name."`
@@ -123,6 +125,9 @@ func (c *serveCmd) Run(env *appEnv) error {
 	}
 	if c.MaxClients < 1 || c.ConnRequests < 1 || c.MaxInflight < 1 || c.IOTimeout <= 0 {
 		return fmt.Errorf("--max-clients, --conn-requests, --max-inflight and --io-timeout must be positive: %w", fs.ErrInvalid)
+	}
+	if c.Pprof && c.Metrics == "" {
+		return fmt.Errorf("--pprof needs --metrics (it serves on that address): %w", fs.ErrInvalid)
 	}
 	if c.ShutdownTimeout <= 0 {
 		return fmt.Errorf("--shutdown-timeout %v: want > 0: %w", c.ShutdownTimeout, fs.ErrInvalid)
@@ -196,6 +201,13 @@ func (c *serveCmd) Run(env *appEnv) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
+		if c.Pprof {
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+			mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		}
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go metricsSrv.Serve(ml)
 		log.Info("metrics", "url", "http://"+ml.Addr().String()+"/metrics")
