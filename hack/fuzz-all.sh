@@ -14,6 +14,11 @@
 # Environment:
 #   FUZZ_PARALLEL  fuzzing workers per target (go test -parallel; default
 #                  GOMAXPROCS)
+#   FUZZ_MINIMIZE  -fuzzminimizetime: how long each new interesting input
+#                  is minimized (default 10s). Go's own default, 60s, can
+#                  spend a short run minimizing: executions stop counting
+#                  meanwhile (seen: 21,686 execs in 30 s, against 331,884
+#                  in 20 s with 2s).
 #   FUZZ_MATCH     only targets whose name matches this extended regexp
 #   FUZZ_LOG_DIR   where each target's output is kept (default: a new
 #                  directory under ${TMPDIR:-/tmp})
@@ -35,9 +40,9 @@ logdir=${FUZZ_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/rawblock-fuzz.XXXXXX")}
 mkdir -p "$logdir"
 module=$(go list -m)
 
-parallel=()
+flags=(-fuzzminimizetime "${FUZZ_MINIMIZE:-10s}")
 if [ -n "${FUZZ_PARALLEL:-}" ]; then
-	parallel=(-parallel "$FUZZ_PARALLEL")
+	flags+=(-parallel "$FUZZ_PARALLEL")
 fi
 
 # One row per target: package target duration execs interesting result.
@@ -81,7 +86,7 @@ for pkg in $(go list ./...); do
 		log="$logdir/${short//\//_}.$target.log"
 		echo "== $short $target ($duration)"
 		status=0
-		go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" "${parallel[@]}" "$pkg" >"$log" 2>&1 || status=$?
+		go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" "${flags[@]}" "$pkg" >"$log" 2>&1 || status=$?
 		# The last progress line holds the totals:
 		# fuzz: elapsed: 31s, execs: 123456 (3982/sec), new interesting: 3 (total: 12)
 		last=$(grep -E '^fuzz: elapsed: .*execs: ' "$log" | tail -n 1 || true)
