@@ -1142,3 +1142,99 @@ func TestBufPool(t *testing.T) {
 		putBuf(&b)
 	}()
 }
+
+// slowDevice delays reads, as a device does, and records how many were in
+// flight at once.
+type slowDevice struct {
+	engine.Device
+	delay            time.Duration
+	mu               sync.Mutex
+	inFlight, maxInF int
+}
+
+func (d *slowDevice) ReadAt(p []byte, off int64) (int, error) {
+	d.mu.Lock()
+	d.inFlight++
+	d.maxInF = max(d.maxInF, d.inFlight)
+	d.mu.Unlock()
+	time.Sleep(d.delay)
+	n, err := d.Device.ReadAt(p, off)
+	d.mu.Lock()
+	d.inFlight--
+	d.mu.Unlock()
+	return n, err
+}
+
+func TestSlowReadsOverlap(t *testing.T) {
+	// Small reads that miss the cache are slow: the reader must stop
+	// serving them itself and let them overlap on the workers.
+	mem := engine.NewMemDevice(testDevSize, 4096)
+	if err := engine.Format(mem, engine.FormatOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := engine.Open(mem, engine.Options{CacheSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := createExport(eng, testExport, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	obj, _ := eng.Object(testExport)
+	model := pattern(3, 32<<20)
+	if _, err := obj.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := eng.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dev := &slowDevice{Device: mem, delay: 2 * time.Millisecond}
+	eng, err = engine.Open(dev, engine.Options{CacheSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := newServer(eng, serverConfig{}, testLogger(t), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.serve(l) }()
+	defer func() {
+		srv.shutdown(context.Background())
+		<-done
+		eng.Close()
+	}()
+	c := connect(t, l.Addr().String(), testExport, true)
+	r := rand.New(rand.NewPCG(5, 5))
+	const depth, rounds = 16, 8
+	for range rounds {
+		offs := map[uint64]uint64{}
+		for i := range depth {
+			off := uint64(r.IntN(32<<20/4096)) * 4096
+			offs[uint64(i)] = off
+			if err := c.send(cmdRead, 0, uint64(i), off, 4096, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for range depth {
+			rep, err := c.recv()
+			if err != nil || rep.errno != 0 {
+				t.Fatalf("read: %v errno %d", err, rep.errno)
+			}
+			off := offs[rep.handle]
+			if !bytes.Equal(rep.data, model[off:off+4096]) {
+				t.Fatalf("read at %d returned the wrong data", off)
+			}
+		}
+	}
+	c.disc()
+	dev.mu.Lock()
+	defer dev.mu.Unlock()
+	if dev.maxInF < 4 {
+		t.Fatalf("at most %d device reads overlapped; slow small reads were not spread over workers", dev.maxInF)
+	}
+	t.Logf("up to %d device reads in flight", dev.maxInF)
+}
