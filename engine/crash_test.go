@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/rawblock/rawblock/engine"
 	"github.com/rawblock/rawblock/internal/crashtest"
@@ -215,5 +216,52 @@ func TestCrashLostExtensionStaysZero(t *testing.T) {
 	}
 	if lostOnDevice == 0 {
 		t.Fatal("no cut left the lost write's bytes on the device: the test checked nothing")
+	}
+}
+
+// TestCrashCloseAfterPowerCut: after a power cut, a writer waiting for
+// dirty-page budget (writeback can no longer make any) and Close must both
+// return. Close waits for calls in flight, so a writer that waits forever
+// makes Close wait forever too; the harness then has to abandon the engine.
+func TestCrashCloseAfterPowerCut(t *testing.T) {
+	d := engine.NewFaultDevice(32<<20, 512)
+	if err := engine.Format(d, engine.FormatOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e, err := engine.Open(d, engine.Options{CacheSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := e.Create("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Crash()
+	wrote := make(chan error, 1)
+	go func() {
+		// Four times the dirty limit: the writer must wait for writeback.
+		_, err := a.WriteAt(make([]byte, 8<<20), 0)
+		wrote <- err
+	}()
+	closed := make(chan error, 1)
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		closed <- e.Close()
+	}()
+	const limit = 5 * time.Second
+	deadline := time.After(limit)
+	for wrote != nil || closed != nil {
+		select {
+		case err := <-wrote:
+			t.Logf("WriteAt: %v", err)
+			wrote = nil
+		case err := <-closed:
+			if err == nil {
+				t.Error("Close after the power cut reported success")
+			}
+			closed = nil
+		case <-deadline:
+			t.Fatalf("after %v, WriteAt returned: %v, Close returned: %v (a throttled writer blocks Close forever once writeback cannot succeed)", limit, wrote == nil, closed == nil)
+		}
 	}
 }

@@ -22,8 +22,9 @@ type crashCmd struct {
 	DeviceSize   byteSize `name:"device-size" default:"32M" help:"Size of the in-memory fault device (at least 16M)."`
 	Sector       int      `default:"512" help:"The device's logical sector size, the unit of torn writes: 512 or 4096."`
 	Objects      int      `default:"6" help:"Object names in play (1..64)."`
-	MaxObject    byteSize `name:"max-object" default:"1M" help:"Largest object size (objects × max-object ≤ half the device)."`
+	MaxObject    byteSize `name:"max-object" default:"1M" help:"Largest object size (objects × max-object ≤ 4 × the device; past the device's size, it fills up and freed space is reused at once)."`
 	MaxWrite     byteSize `name:"max-write" default:"1M" help:"Largest single write (≤ max-object)."`
+	Dense        bool     `help:"Large writes, mostly appends: objects stay dense and, with objects × max-object beyond the device, it fills up."`
 	Cache        byteSize `default:"4M" help:"Engine page cache (at least 4M; small, so writeback also runs on its own)."`
 	Metadata     byteSize `name:"metadata-size" default:"0" help:"Journal and checkpoint region at format; 0: each run picks the engine's default or, half the time, 128K or 256K so that checkpoints happen often."`
 	Steps        int      `default:"12" help:"Mean workload operations between power cuts (1..10000)."`
@@ -71,6 +72,7 @@ func (c *crashCmd) Run(env *appEnv) error {
 		MaxWrite:      int64(c.MaxWrite),
 		CacheSize:     int64(c.Cache),
 		MetadataSize:  int64(c.Metadata),
+		Dense:         c.Dense,
 		Steps:         c.Steps,
 		Wrap:          c.wrap,
 	}

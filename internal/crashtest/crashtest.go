@@ -48,10 +48,18 @@ type Config struct {
 	SectorSize int
 	// Objects is the number of object names in play, 1..64; default 6.
 	Objects int
-	// MaxObjectSize bounds every object's size; default 1 MiB.
+	// MaxObjectSize bounds every object's size; default 1 MiB. Objects ×
+	// MaxObjectSize may exceed the device's data space (up to 4 × the
+	// device): the device then fills up, writes are refused with
+	// ErrNoSpace (which must change nothing), and freed blocks are reused
+	// at once.
 	MaxObjectSize int64
 	// MaxWrite bounds one WriteAt; default 1 MiB (and ≤ MaxObjectSize).
 	MaxWrite int64
+	// Dense makes half the writes large (MaxWrite/2..MaxWrite) and most of
+	// them appends, so objects have few holes and, with Objects ×
+	// MaxObjectSize beyond the device, the device fills up.
+	Dense bool
 	// CacheSize is the engine's page cache; default 4 MiB, so writeback
 	// also happens on its own.
 	CacheSize int64
@@ -75,7 +83,7 @@ type Config struct {
 	// fails as hung; default 2 minutes.
 	StepTimeout time.Duration
 	// Grace is how long a call still blocked after the power cut is waited
-	// for before it, and its engine, are abandoned; default 2 s.
+	// for before it, and its engine, are abandoned; default 1 s.
 	Grace time.Duration
 }
 
@@ -112,7 +120,7 @@ func (c *Config) setDefaults() error {
 		c.StepTimeout = 2 * time.Minute
 	}
 	if c.Grace == 0 {
-		c.Grace = 2 * time.Second
+		c.Grace = time.Second
 	}
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("crashtest: %s: %w", fmt.Sprintf(format, args...), fs.ErrInvalid)
@@ -128,8 +136,8 @@ func (c *Config) setDefaults() error {
 		return bad("DeviceSize %d: want a multiple of the sector size, at least %d", c.DeviceSize, engine.MinDeviceSize)
 	case c.Objects < 1 || c.Objects > maxObjects:
 		return bad("Objects %d: want 1..%d", c.Objects, maxObjects)
-	case c.MaxObjectSize < 4096 || c.MaxObjectSize*int64(c.Objects) > c.DeviceSize/2:
-		return bad("MaxObjectSize %d: want ≥ 4096, and Objects × MaxObjectSize at most half the device (%d)", c.MaxObjectSize, c.DeviceSize/2)
+	case c.MaxObjectSize < 4096 || c.MaxObjectSize > 4*c.DeviceSize/int64(c.Objects):
+		return bad("MaxObjectSize %d: want ≥ 4096, and Objects × MaxObjectSize at most 4 × the device size %d", c.MaxObjectSize, c.DeviceSize)
 	case c.MaxWrite < 1 || c.MaxWrite > c.MaxObjectSize:
 		return bad("MaxWrite %d: want 1..MaxObjectSize (%d)", c.MaxWrite, c.MaxObjectSize)
 	case c.CacheSize < minCacheSize:

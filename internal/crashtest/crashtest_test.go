@@ -121,7 +121,7 @@ func TestRunConfigAndCancel(t *testing.T) {
 		{Points: 1, MaxWrite: 2 << 20},
 		{Points: 1, CacheSize: 1 << 20},
 		{Points: 1, Steps: -1},
-		{Points: 1, Objects: 20, MaxObjectSize: 1 << 20},
+		{Points: 1, Objects: 40, MaxObjectSize: 4 << 20},
 	} {
 		if _, err := Run(context.Background(), c); !errors.Is(err, fs.ErrInvalid) {
 			t.Errorf("Run(%+v) = %v, want fs.ErrInvalid", c, err)

@@ -560,9 +560,13 @@ func (h *harness) write(s *slot) (bool, error) {
 	maxObj := h.cfg.MaxObjectSize
 	n := h.writeLen()
 	size := int64(len(in.cur))
+	if h.cfg.Dense && h.rng.IntN(2) == 0 {
+		// Large writes that keep objects dense, so the device fills up.
+		n = max(1, h.cfg.MaxWrite/2+h.rng.Int64N(h.cfg.MaxWrite/2+1))
+	}
 	var off int64
 	switch r := h.rng.IntN(100); {
-	case r < 25 && size+n <= maxObj: // append
+	case (r < 25 || h.cfg.Dense && r < 60) && size+n <= maxObj: // append
 		off = size
 	case r < 40 && size > 0: // around the end
 		off = max(0, size-h.rng.Int64N(min(size, 8192)+1))
