@@ -26,7 +26,7 @@ type crashCmd struct {
 	MaxWrite     byteSize `name:"max-write" default:"1M" help:"Largest single write (≤ max-object)."`
 	Dense        bool     `help:"Large writes, mostly appends: objects stay dense and, with objects × max-object beyond the device, it fills up."`
 	Cache        byteSize `default:"4M" help:"Engine page cache (at least 4M; small, so writeback also runs on its own)."`
-	Metadata     byteSize `name:"metadata-size" default:"0" help:"Journal and checkpoint region at format; 0: each run picks the engine's default or, half the time, 128K or 256K so that checkpoints happen often."`
+	Metadata     byteSize `name:"metadata-size" default:"0" help:"Journal and checkpoint region at format; 0: each run picks the engine's default or, half the time, 32K to 256K so that checkpoints happen often."`
 	Steps        int      `default:"12" help:"Mean workload operations between power cuts (1..10000)."`
 	PointsPerRun int      `name:"points-per-run" default:"20" help:"Crash points per formatted device before the next run starts afresh."`
 	NoFsck       bool     `name:"no-fsck" help:"Skip engine.Check of the device after every power cut."`

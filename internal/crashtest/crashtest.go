@@ -65,7 +65,7 @@ type Config struct {
 	CacheSize int64
 	// MetadataSize is FormatOptions.MetadataSize (journal and checkpoints).
 	// 0: each run picks the engine's default or, half the time, a small
-	// region of 128 or 256 KiB, so that the journal fills and checkpoints
+	// region of 32 to 256 KiB, so that the journal fills and checkpoints
 	// (and power cuts during them) happen often.
 	MetadataSize int64
 	// Steps is the mean number of workload operations between crashes;

@@ -130,7 +130,7 @@ func (h *harness) run(points int) error {
 		h.seed, h.cfg.DeviceSize, h.cfg.SectorSize, h.cfg.Objects, h.cfg.MaxObjectSize, h.cfg.MaxWrite, h.cfg.CacheSize)
 	meta := h.cfg.MetadataSize
 	if meta == 0 && h.rng.IntN(2) == 0 {
-		meta = int64(128<<10) << h.rng.IntN(2)
+		meta = int64(32<<10) << h.rng.IntN(4)
 	}
 	h.tracef("format: metadata size %d (0: the engine's default)", meta)
 	h.dev = engine.NewFaultDevice(h.cfg.DeviceSize, h.cfg.SectorSize)
