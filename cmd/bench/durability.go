@@ -455,6 +455,7 @@ func concurrentRun(ctx context.Context, s *durSpec, serialize bool) (concRun, er
 	blocks := s.objectSize / durWriteSize
 	var syncMu sync.Mutex
 	var ops atomic.Int64
+	var failed atomic.Bool // one job failed: the others stop
 	hists := make([]*hdrhistogram.Histogram, s.jobs)
 	errs := make([]error, s.jobs)
 	before := e.Stats()
@@ -469,12 +470,13 @@ func concurrentRun(ctx context.Context, s *durSpec, serialize bool) (concRun, er
 			o, h := objs[j], hists[j]
 			buf := make([]byte, durWriteSize)
 			rng := rand.New(rand.NewPCG(uint64(j)+1, 0xd0))
-			for ctx.Err() == nil && time.Now().Before(deadline) {
+			for ctx.Err() == nil && !failed.Load() && time.Now().Before(deadline) {
 				blk := rng.Int64N(blocks)
 				stampBlock(buf, uint64(j), uint64(blk))
 				t := time.Now()
 				if _, err := o.WriteAt(buf, blk*durWriteSize); err != nil {
 					errs[j] = err
+					failed.Store(true)
 					return
 				}
 				if serialize {
@@ -486,6 +488,7 @@ func concurrentRun(ctx context.Context, s *durSpec, serialize bool) (concRun, er
 				}
 				if err != nil {
 					errs[j] = err
+					failed.Store(true)
 					return
 				}
 				recordLatency(h, int64(time.Since(t)))
@@ -495,7 +498,7 @@ func concurrentRun(ctx context.Context, s *durSpec, serialize bool) (concRun, er
 	}
 	wg.Wait()
 	elapsed := time.Since(t0)
-	if err := errors.Join(errs...); err != nil {
+	if err := firstError(errs); err != nil {
 		return r, err
 	}
 	if err := ctx.Err(); err != nil {
@@ -513,6 +516,25 @@ func concurrentRun(ctx context.Context, s *durSpec, serialize bool) (concRun, er
 	err = closeAll()
 	closeAll = nil
 	return r, err
+}
+
+// firstError returns the first non-nil error of errs, noting how many more
+// jobs failed: when one job fails the others usually fail the same way.
+func firstError(errs []error) error {
+	var first error
+	n := 0
+	for _, err := range errs {
+		if err != nil {
+			if first == nil {
+				first = err
+			}
+			n++
+		}
+	}
+	if n > 1 {
+		return fmt.Errorf("%w (and %d more jobs failed)", first, n-1)
+	}
+	return first
 }
 
 // stampBlock fills a 4 KiB block with bytes that identify (object index,
@@ -635,7 +657,7 @@ func fillJournal(ctx context.Context, e *engine.Engine, s *durSpec) (fillReport,
 	}
 	plan := fillPlan{objects: s.objects, jobs: s.fillJobs}
 	limit := int64(s.fill * float64(e.Stats().JournalBytes))
-	var full atomic.Bool
+	var full atomic.Bool // the journal is full enough, or a job failed
 	errs := make([]error, s.fillJobs)
 	t0 := time.Now()
 	var wg sync.WaitGroup
@@ -648,6 +670,7 @@ func fillJournal(ctx context.Context, e *engine.Engine, s *durSpec) (fillReport,
 			for !full.Load() {
 				if ctx.Err() != nil {
 					errs[j] = ctx.Err()
+					full.Store(true)
 					return
 				}
 				var last *engine.Object
@@ -657,6 +680,7 @@ func fillJournal(ctx context.Context, e *engine.Engine, s *durSpec) (fillReport,
 					last = objs[obj]
 					if _, err := last.WriteAt(buf, blk*durWriteSize); err != nil {
 						errs[j] = err
+						full.Store(true)
 						return
 					}
 					k++
@@ -669,6 +693,7 @@ func fillJournal(ctx context.Context, e *engine.Engine, s *durSpec) (fillReport,
 				}
 				if err != nil {
 					errs[j] = err
+					full.Store(true)
 					return
 				}
 				rep.Writes[j] = k // only synced writes count
@@ -679,8 +704,15 @@ func fillJournal(ctx context.Context, e *engine.Engine, s *durSpec) (fillReport,
 		}()
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return rep, err
+	if err := firstError(errs); err != nil {
+		var n int64
+		for _, w := range rep.Writes {
+			n += w
+		}
+		if errors.Is(err, engine.ErrNoSpace) {
+			return rep, fmt.Errorf("the device filled up after %d synced 4 KiB writes, before the journal held %.0f%% of its size (a larger device, or a smaller --fill-batch, packs fewer writes per journal block): %w", n, s.fill*100, err)
+		}
+		return rep, fmt.Errorf("after %d synced writes: %w", n, err)
 	}
 	st := e.Stats()
 	rep.Seconds = time.Since(t0).Seconds()
