@@ -350,6 +350,10 @@ func (c *Cache) Close() error {
 		}
 		return ErrClosed
 	}
+	// Let the policy finish applying queued admissions: an eviction it is
+	// carrying out has unindexed its page but not yet dropped the index's
+	// reference, which would count as held below.
+	c.policy.Wait()
 	held := 0
 	for i := range c.pages {
 		p := &c.pages[i]

@@ -29,7 +29,7 @@ type FormatOptions struct {
 // Options are the parameters of Open.
 type Options struct {
 	CacheSize  int64 // page cache bytes, clean + dirty; 0 = 256 MiB
-	DirtyLimit int64 // dirty bytes at which writers wait; 0 = CacheSize/2
+	DirtyLimit int64 // dirty bytes at which writers wait; 0 = half the cache's frames
 	ReadOnly   bool
 }
 
@@ -143,7 +143,7 @@ type Engine struct {
 	// stay busy until then.
 	jmu     sync.Mutex
 	jops    []byte
-	jmaps   bool      // the batch maps extents: their data is flushed first
+	jflush  bool      // the batch maps or sizes over written data: flush that first
 	jsince  time.Time // when the batch got its first operation
 	gen     uint64
 	doneGen atomic.Uint64
@@ -162,6 +162,11 @@ type Engine struct {
 	// failed holds the cause once a metadata write or flush failed: the
 	// engine then refuses changes (ErrReadOnly) and keeps serving reads.
 	failed atomic.Pointer[error]
+
+	// Dirty-budget waits (see throttleCtx).
+	thrMu     sync.Mutex
+	thrCtx    context.Context
+	thrCancel context.CancelCauseFunc
 
 	kick    chan struct{}
 	stop    chan struct{}
@@ -325,10 +330,7 @@ func Open(dev Device, opts Options) (*Engine, error) {
 	if opts.CacheSize < minCacheSize {
 		return nil, fmt.Errorf("%w: CacheSize %d is below the minimum %d", errInvalid, opts.CacheSize, minCacheSize)
 	}
-	if opts.DirtyLimit == 0 {
-		opts.DirtyLimit = opts.CacheSize / 2
-	}
-	if opts.DirtyLimit >= opts.CacheSize {
+	if opts.DirtyLimit != 0 && opts.DirtyLimit >= opts.CacheSize {
 		return nil, fmt.Errorf("%w: DirtyLimit %d must be below CacheSize %d", errInvalid, opts.DirtyLimit, opts.CacheSize)
 	}
 	if ro, ok := dev.(interface{ ReadOnly() bool }); ok && ro.ReadOnly() && !opts.ReadOnly {
@@ -415,7 +417,7 @@ func open(dev Device, opts Options) (*Engine, error) {
 	e.bufPool.New = func() any { b := alignedBuf(max(maxIOBytes, e.bs)); return &b }
 	for _, mo := range l.state.byID {
 		o := e.newObject(mo.id, mo.name)
-		o.size, o.tree = mo.size, mo.tree
+		o.size, o.diskSize, o.tree = mo.size, mo.size, mo.tree
 		e.objects[mo.name] = o
 	}
 	// Free space is derived: everything the metadata does not map.
@@ -679,8 +681,8 @@ func (e *Engine) commit(ckpt bool) error {
 	}
 	e.gate.Lock()
 	e.jmu.Lock()
-	g, ops, maps := e.gen, e.jops, e.jmaps
-	e.jops, e.jspare, e.jmaps, e.jsince = e.jspare[:0], nil, false, time.Time{}
+	g, ops, flush := e.gen, e.jops, e.jflush
+	e.jops, e.jspare, e.jflush, e.jsince = e.jspare[:0], nil, false, time.Time{}
 	e.gen++
 	e.jmu.Unlock()
 	ckpt = ckpt || !e.ringFits(len(ops))
@@ -699,10 +701,10 @@ func (e *Engine) commit(ckpt bool) error {
 			// Keep going on the journal while it has room; the
 			// checkpoint is retried when it fills.
 			e.ckptFull = true
-			err = e.appendTx(ops, maps)
+			err = e.appendTx(ops, flush)
 		}
 	case len(ops) > 0:
-		err = e.appendTx(ops, maps)
+		err = e.appendTx(ops, flush)
 	default:
 		err = e.flushDevice()
 	}
@@ -739,8 +741,8 @@ func (e *Engine) ringFits(n int) bool {
 // appendTx writes ops as the next journal transaction: the data the batch
 // maps is flushed first, the transaction after it (DESIGN.md, writeback
 // step 3).
-func (e *Engine) appendTx(ops []byte, maps bool) error {
-	if maps {
+func (e *Engine) appendTx(ops []byte, flush bool) error {
+	if flush {
 		if err := e.flushDevice(); err != nil {
 			return err
 		}
@@ -822,7 +824,7 @@ func (e *Engine) snapshot() *checkpoint {
 			o.mu.RUnlock()
 			continue
 		}
-		co := ckptObject{ID: o.id, Name: o.name, Size: o.size}
+		co := ckptObject{ID: o.id, Name: o.name, Size: o.diskSize}
 		o.treeMu.Lock()
 		o.tree.All(func(s extenttree.Segment) bool {
 			if s.State == extenttree.Written {
@@ -863,22 +865,27 @@ func (e *Engine) logLocked(op jop) {
 	e.jops = appendOp(e.jops, op)
 	e.logged.Add(int64(len(e.jops) - n))
 	if op.kind == opMap {
-		e.jmaps = true
+		e.jflush = true
 	}
 }
 
-// logSize logs o's new size. One size operation per object and batch is
-// enough: sizes are last-writer-wins, so a later change rewrites it in place.
+// logSize logs o's durable size (diskSize). One size operation per object
+// and batch is enough: sizes are last-writer-wins, so a later change
+// rewrites it in place. grown says the size grew over data written in place:
+// the commit must flush that data before the journal write, as for a map.
 // The caller holds o.mu.
-func (e *Engine) logSize(o *Object) {
+func (e *Engine) logSize(o *Object, grown bool) {
 	e.jmu.Lock()
 	defer e.jmu.Unlock()
+	if grown {
+		e.jflush = true
+	}
 	if o.sizeGen == e.gen {
-		binary.LittleEndian.PutUint64(e.jops[o.sizeOff+9:], uint64(o.size))
+		binary.LittleEndian.PutUint64(e.jops[o.sizeOff+9:], uint64(o.diskSize))
 		return
 	}
 	o.sizeGen, o.sizeOff = e.gen, len(e.jops)
-	e.logLocked(jop{kind: opSize, id: o.id, size: o.size})
+	e.logLocked(jop{kind: opSize, id: o.id, size: o.diskSize})
 }
 
 // logFree logs that o's blocks [start, start+n) became a hole and frees the
@@ -1156,3 +1163,28 @@ func (e *Engine) releaseIdleWindows(now time.Time) {
 }
 
 var bgCtx = context.Background()
+
+// throttleCtx is what writers waiting for dirty budget wait on. A failed
+// writeback cancels it with the failure as the cause and puts a fresh one in
+// its place: pages that cannot be written stay dirty, so a writer waiting
+// for them to drain would wait until the device heals; the writers waiting
+// at a failure get its error instead, and later ones wait for the next
+// attempt (writeback retries while they wait).
+func (e *Engine) throttleCtx() context.Context {
+	e.thrMu.Lock()
+	defer e.thrMu.Unlock()
+	if e.thrCtx == nil {
+		e.thrCtx, e.thrCancel = context.WithCancelCause(bgCtx)
+	}
+	return e.thrCtx
+}
+
+// writebackFailed wakes the writers throttled now with err.
+func (e *Engine) writebackFailed(err error) {
+	e.thrMu.Lock()
+	defer e.thrMu.Unlock()
+	if e.thrCancel != nil {
+		e.thrCancel(err)
+		e.thrCtx, e.thrCancel = nil, nil
+	}
+}

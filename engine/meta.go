@@ -273,8 +273,12 @@ func replay(dev Device, sb *superblock, m *metaState, c *checkpoint) (ringPos, s
 		if errors.Is(err, errStop) && pos != 0 {
 			// The writer wraps to the ring's start when a transaction
 			// does not fit before its end.
-			if p2, h2, err2 := r.txAt(0, &j); err2 == nil {
+			p2, h2, err2 := r.txAt(0, &j)
+			switch {
+			case err2 == nil:
 				payload, h, err, pos, waste = p2, h2, nil, 0, jb-j.head
+			case !errors.Is(err2, errStop):
+				return j, "", err2
 			}
 		}
 		if err != nil {
@@ -338,6 +342,11 @@ func load(dev Device) (*loaded, error) {
 	// to the other slot.
 	for i := 0; i < 2; i++ {
 		c, err := readCheckpoint(dev, &l.sb, i)
+		if err != nil && !errors.Is(err, ErrCorrupt) {
+			// Unreadable is not invalid: falling back to the older
+			// checkpoint would silently lose what the newer one holds.
+			return nil, fmt.Errorf("load metadata: %w", err)
+		}
 		l.ckptErrs[i] = err
 		if err == nil && (l.ckpt == nil || c.Seq > l.ckpt.Seq) {
 			l.ckpt, l.ckptSlot = c, i

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -29,8 +30,13 @@ type Object struct {
 	// read-only methods share scratch space and are not safe in parallel.
 	treeMu sync.Mutex
 
-	name       string
-	size       int64
+	name string
+	size int64
+	// diskSize is the size the journal has been told: like XFS's on-disk
+	// size, it grows only when the data below it has been written, so a
+	// crash never shows stale device bytes (past an old end, or cut off by
+	// a truncate) as an extension's contents. It shrinks at once.
+	diskSize   int64
 	tree       *extenttree.Tree
 	dirty      pageSet // block -> dirty page, pinned until written back
 	wb         pageSet // block -> page whose write is in flight: never modified
@@ -191,7 +197,11 @@ type credits struct {
 // grow makes sure at least n frames and n dirty credits are in hand.
 func (c *credits) grow(n int) error {
 	if need := n - c.dirty; need > 0 {
-		if err := c.e.cache.AcquireDirty(bgCtx, need); err != nil {
+		ctx := c.e.throttleCtx()
+		if err := c.e.cache.AcquireDirty(ctx, need); err != nil {
+			if cause := context.Cause(ctx); cause != nil {
+				return fmt.Errorf("waiting for dirty pages to be written back: %w", cause)
+			}
 			return fmt.Errorf("dirty page budget: %w", err)
 		}
 		c.dirty += need
@@ -283,6 +293,22 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 	cr := credits{e: e}
 	defer cr.release()
 	written := 0
+	// A write that starts past the end first zeroes the rest of the end's
+	// block (see zeroTailLocked). wmu keeps the size from changing.
+	o.mu.RLock()
+	gap := off > o.size && o.size%bs != 0
+	o.mu.RUnlock()
+	if gap {
+		if err := cr.grow(1); err != nil {
+			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+		}
+		o.mu.Lock()
+		err := o.zeroTailLocked(off, &cr)
+		o.mu.Unlock()
+		if err != nil {
+			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+		}
+	}
 	chunk := int64(max(1, min(writeChunkBlocks, e.cache.DirtyLimitPages()/4)))
 	for cb := b0; cb < b1; {
 		ce := min(cb+chunk, b1)
@@ -367,8 +393,9 @@ func (o *Object) recordLocked(b0, b1, end, reserved int64) int64 {
 		panic(fmt.Sprintf("rawblock: object %q: write found %d new holes, only %d reserved", o.name, n, reserved))
 	}
 	if end > o.size {
+		// The durable size follows when writeback has written the
+		// data (see diskSize).
 		o.size = end
-		o.e.logSize(o)
 	}
 	o.markDirtyLocked()
 	return n
@@ -659,10 +686,10 @@ func (o *Object) Truncate(size int64) error {
 	defer o.wmu.Unlock()
 	cr := credits{e: e}
 	defer cr.release()
-	if size%int64(e.bs) != 0 {
-		if err := cr.grow(1); err != nil {
-			return fmt.Errorf("truncate %q: %w", o.name, err)
-		}
+	// One frame for a partial block to zero: the new end's when
+	// shrinking, the old end's when growing.
+	if err := cr.grow(1); err != nil {
+		return fmt.Errorf("truncate %q: %w", o.name, err)
 	}
 	o.wbMu.Lock()
 	defer o.wbMu.Unlock()
@@ -686,9 +713,36 @@ func (o *Object) Truncate(size int64) error {
 			}
 		}
 		o.releaseWindowLocked()
+	} else if err := o.zeroTailLocked(size, &cr); err != nil {
+		return fmt.Errorf("truncate %q: %w", o.name, err)
 	}
 	o.size = size
-	e.logSize(o)
+	if size < o.diskSize {
+		o.diskSize = size
+		e.logSize(o, false)
+	} else {
+		// Growing becomes durable through writeback (see diskSize),
+		// after the zeroed tail of the old end's block.
+		o.markDirtyLocked()
+	}
+	return nil
+}
+
+// zeroTailLocked zeroes the bytes from the object's end up to upTo (at most
+// to the end of that block) before the size grows past them. In memory they
+// are zero already; on the device that block may still hold bytes written
+// past the end before a crash, or cut off by a truncate whose zeroing never
+// reached the device, and growing must not bring them back.
+func (o *Object) zeroTailLocked(upTo int64, cr *credits) error {
+	bs := int64(o.e.bs)
+	r := o.size % bs
+	if r == 0 {
+		return nil
+	}
+	b := o.size / bs
+	if to := min(upTo-b*bs, bs); to > r {
+		return o.zeroPartialLocked(b, r, to, cr)
+	}
 	return nil
 }
 
@@ -908,6 +962,12 @@ func (o *Object) writeback() error {
 	defer o.wbMu.Unlock()
 	o.mu.Lock()
 	if o.removed || o.dirty.Len() == 0 {
+		if !o.removed && o.size > o.diskSize {
+			// Nothing left to write: every byte below the size is on
+			// the device (the commit's flush makes it durable).
+			o.diskSize = o.size
+			e.logSize(o, true)
+		}
 		o.undirtyLocked()
 		o.mu.Unlock()
 		return nil
@@ -957,6 +1017,8 @@ func (o *Object) writeback() error {
 	// finished, so an Engine.Sync racing with it waits for it (wbMu).
 	o.dirtySince = time.Time{}
 	o.lastFlush = time.Now()
+	// Every block below passSize that needs writing is in this pass.
+	passSize := o.size
 	o.mu.Unlock()
 
 	// A page whose write completed no longer counts as dirty: writers may
@@ -1008,6 +1070,7 @@ func (o *Object) writeback() error {
 		o.markDirtyLocked()
 		err = fmt.Errorf("writeback %q: %w", o.name, err)
 		o.wbErr = err
+		e.writebackFailed(err)
 		return err
 	}
 	// Log the mappings in the order they become Written, under the gate
@@ -1022,7 +1085,11 @@ func (o *Object) writeback() error {
 			e.logOp(jop{kind: opMap, id: o.id, logical: sg.Start, physical: sg.Phys, length: sg.Len})
 		}
 	}
-	if o.dirty.Len() > 0 {
+	if passSize > o.diskSize {
+		o.diskSize = passSize
+		e.logSize(o, true)
+	}
+	if o.dirty.Len() > 0 || o.size > o.diskSize {
 		o.markDirtyLocked()
 	} else {
 		o.undirtyLocked()
