@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -148,7 +149,12 @@ type fltEnv struct {
 
 func newFltEnv(t *testing.T, g fltGeom, seed uint64, fo engine.FormatOptions) *fltEnv {
 	t.Helper()
-	d := engine.NewFaultDevice(fltDevSize, g.sector)
+	return newFltEnvSize(t, g, seed, fo, fltDevSize)
+}
+
+func newFltEnvSize(t *testing.T, g fltGeom, seed uint64, fo engine.FormatOptions, size int64) *fltEnv {
+	t.Helper()
+	d := engine.NewFaultDevice(size, g.sector)
 	fo.BlockSize = g.block
 	if err := engine.Format(d, fo); err != nil {
 		t.Fatalf("Format: %v", err)
@@ -215,15 +221,15 @@ func (v *fltEnv) takeAcked() int64 {
 	return a
 }
 
+// fltRand returns n random bytes drawn from rng (through a ChaCha8 seeded
+// from it: bulk generation stays cheap under the race detector).
 func fltRand(rng *rand.Rand, n int) []byte {
-	p := make([]byte, n)
-	for i := 0; i < n; i += 8 {
-		x := rng.Uint64()
-		for j := i; j < min(i+8, n); j++ {
-			p[j] = byte(x)
-			x >>= 8
-		}
+	var seed [32]byte
+	for i := 0; i < len(seed); i += 8 {
+		binary.LittleEndian.PutUint64(seed[i:], rng.Uint64())
 	}
+	p := make([]byte, n)
+	_, _ = rand.NewChaCha8(seed).Read(p) // never fails
 	return p
 }
 
@@ -453,6 +459,12 @@ func fltLost(t *testing.T, when string, e *engine.Engine, want, alt map[string][
 				return
 			}
 		}
+		if hasW && size == int64(len(w)) && bytes.Equal(got, w) {
+			return // the common case, without a loop per byte
+		}
+		if hasA && size == int64(len(a)) && bytes.Equal(got, a) {
+			return
+		}
 		bad, first := int64(0), int64(-1)
 		for i := int64(0); i < max(size, int64(len(w))); i++ {
 			if i >= size {
@@ -608,7 +620,11 @@ func (v *fltEnv) checkRefused(o *engine.Object, before int64, n int, off int64, 
 }
 
 func fltNoSpace(t *testing.T, g fltGeom, seed uint64, tally *fltTally) {
-	v := newFltEnv(t, g, seed, engine.FormatOptions{})
+	size := int64(fltDevSize)
+	if testing.Short() {
+		size = engine.MinDeviceSize
+	}
+	v := newFltEnvSize(t, g, seed, engine.FormatOptions{}, size)
 	bs := v.bs()
 	names := []string{"a", "b", "c", "d"}
 	cases := 0
@@ -871,6 +887,23 @@ func TestFaultDataWriteEIO(t *testing.T) {
 			}
 			lost += v.reopen("after a healed write fault")
 
+			// Data whose writeback failed is removed or truncated away
+			// before the device heals: the blocks allocated for it are
+			// freed, not leaked (fsck derives free space).
+			v.dirtyMix(50, fltSmall)
+			v.randWrite("b", fltSmall, int64(len(v.cur["b"])))
+			v.inject(engine.Fault{Op: engine.FaultWrite, Times: -1, Match: data, Err: syscall.EIO})
+			cases++
+			fltEIO(t, "Sync with data writes failing", v.e.Sync())
+			v.remove("new50")
+			v.truncate("b", int64(len(v.cur["b"]))-fltSmall/2)
+			v.dev.ClearFaults()
+			if err := v.sync(); err != nil {
+				t.Errorf("Sync after Remove, Truncate and healing: %v", err)
+				v.mustSync()
+			}
+			lost += v.reopen("after removing data whose writeback failed")
+
 			// One failing write at a random place in a writeback of many
 			// I/Os (fragmented dirty data over several objects).
 			rounds := 6
@@ -1005,27 +1038,39 @@ func TestFaultMetadataEIO(t *testing.T) {
 				fltMetaFault(t, g, mf, uint64(400+10*i+j), tally)
 			})
 		}
-		t.Run(g.String()+"/checkpoint-at-Close", func(t *testing.T) {
-			v := newFltEnv(t, g, uint64(490+i), engine.FormatOptions{})
-			v.base()
-			v.dirtyMix(1, fltBig)
-			lo, _ := v.ckptRegion(0)
-			_, hi := v.ckptRegion(1)
-			v.inject(engine.Fault{Op: engine.FaultWrite, Times: -1, Match: fltIn(lo, hi), Err: syscall.EIO})
-			err := v.close()
-			fltEIO(t, "Close with checkpoint writes failing", err)
-			fltShutdown(t, "Close", err, syscall.EIO)
-			v.dev.ClearFaults()
-			v.check("after Close failed")
-			v.open()
-			lost := fltLost(t, "after Close failed", v.e, v.synced, v.cur)
-			v.adopt()
-			lost += v.reopen("after Close failed")
-			if err := v.close(); err != nil {
-				t.Fatal(err)
-			}
-			tally.add(fcCkptEIO, 1, v.takeAcked(), lost)
-		})
+		for _, k := range []struct {
+			name, class string
+			inject      func(v *fltEnv)
+		}{
+			{"checkpoint-at-Close", fcCkptEIO, func(v *fltEnv) {
+				lo, _ := v.ckptRegion(0)
+				_, hi := v.ckptRegion(1)
+				v.inject(engine.Fault{Op: engine.FaultWrite, Times: -1, Match: fltIn(lo, hi), Err: syscall.EIO})
+			}},
+			{"flush-at-Close", fcFlushEIO, func(v *fltEnv) {
+				v.inject(engine.Fault{Op: engine.FaultFlush, Skip: v.rng.IntN(2), Err: syscall.EIO})
+			}},
+		} {
+			t.Run(g.String()+"/"+k.name, func(t *testing.T) {
+				v := newFltEnv(t, g, uint64(490+i), engine.FormatOptions{})
+				v.base()
+				v.dirtyMix(1, fltBig)
+				k.inject(v)
+				err := v.close()
+				fltEIO(t, "Close with "+k.name+" failing", err)
+				fltShutdown(t, "Close", err, syscall.EIO)
+				v.dev.ClearFaults()
+				v.check("after Close failed")
+				v.open()
+				lost := fltLost(t, "after Close failed", v.e, v.synced, v.cur)
+				v.adopt()
+				lost += v.reopen("after Close failed")
+				if err := v.close(); err != nil {
+					t.Fatal(err)
+				}
+				tally.add(k.class, 1, v.takeAcked(), lost)
+			})
+		}
 	}
 }
 
@@ -1267,8 +1312,11 @@ func TestFaultOpenReadErrors(t *testing.T) {
 			}
 			var lost int64
 			cases := 0
-			for _, tg := range targets {
+			for ti, tg := range targets {
 				for _, short := range []bool{false, true} {
+					if testing.Short() && short != (ti%2 == 1) {
+						continue // -short: EIO or a short read, alternately
+					}
 					what := tg.name
 					f := engine.Fault{Op: engine.FaultRead, Times: tg.times, Match: tg.match}
 					class := fcOpenEIO
@@ -1545,7 +1593,7 @@ func TestFaultThenCrash(t *testing.T) {
 				l := fltLost(t, fmt.Sprintf("case %d (%s) after the reboot", c, kind), v.e, v.synced, v.cur)
 				v.adopt()
 				if err := v.close(); err != nil {
-					t.Fatal(err)
+					t.Fatalf("case %d (%s): Close after the reboot: %v", c, kind, err)
 				}
 				cases++
 				lost += l
@@ -1554,6 +1602,105 @@ func TestFaultThenCrash(t *testing.T) {
 			tally.add(fcCrash, cases, acked, lost)
 		})
 	}
+}
+
+// TestFaultCloseWithWriterThrottledOnFailingDevice: a writer over the
+// dirty limit waits for writeback; when every data write fails, writeback
+// can never free dirty memory. Close must still finish — with an error
+// wrapping the EIO — and the writer return, instead of both waiting until
+// the device heals (a storage daemon could not even shut down).
+func TestFaultCloseWithWriterThrottledOnFailingDevice(t *testing.T) {
+	tally := newFltTally(t)
+	g := fltGeom{512, 4096}
+	v := newFltEnv(t, g, 1000, engine.FormatOptions{})
+	v.base()
+	lo, hi := v.dataRegion()
+	v.inject(engine.Fault{Op: engine.FaultWrite, Times: -1, Match: fltIn(lo, hi), Err: syscall.EIO})
+	o := v.obj("a")
+	p := fltRand(v.rng, int(2*fltOptions(g).CacheSize/2)) // twice the dirty limit
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := o.WriteAt(p, 0)
+		wrote <- err
+	}()
+	// The writer fills the dirty budget and waits.
+	deadline := time.Now().Add(5 * time.Second)
+	for v.dev.Stats().Injected < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- v.e.Close() }()
+	var werr, cerr error
+	gotW, gotC := false, false
+	wait := 5 * time.Second
+	if testing.Short() {
+		wait = 2 * time.Second
+	}
+	timeout := time.After(wait)
+	for !gotW || !gotC {
+		select {
+		case werr = <-wrote:
+			gotW = true
+		case cerr = <-closed:
+			gotC = true
+		case <-timeout:
+			t.Errorf("with every data write failing, a throttled WriteAt (returned: %v) and Close (returned: %v) did not finish in %v; healing the device", gotW, gotC, wait)
+			v.dev.ClearFaults()
+			timeout = nil
+		}
+	}
+	t.Logf("WriteAt: %v; Close: %v", werr, cerr)
+	if timeout != nil {
+		fltEIO(t, "Close with every data write failing", cerr)
+	}
+	v.e = nil
+	v.dev.ClearFaults()
+	v.check("after Close")
+	v.open()
+	lost := fltLost(t, "after Close", v.e, v.synced, map[string][]byte{"a": fltApply(bytes.Clone(v.cur["a"]), p, 0)})
+	if err := v.e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	tally.add(fcDataEIO, 1, v.takeAcked(), lost)
+}
+
+// TestFaultCloseAfterCachedReads: Close right after reads that filled the
+// clean cache must succeed. The page cache's Close counts the pages still
+// referenced while the cache policy's goroutine may be between un-indexing
+// an evicted or rejected page and releasing it, and then fails with
+// cache.ErrBusy ("1 pages still referenced") though nothing leaked. The
+// other fault tests hit this now and then at their Closes; this one loops
+// until it shows (typically well under a second).
+func TestFaultCloseAfterCachedReads(t *testing.T) {
+	// Small blocks: many pages per read, much work for the policy.
+	g := fltGeom{512, 512}
+	v := newFltEnv(t, g, 1100, engine.FormatOptions{})
+	const size = 1 << 20 // more than the cache holds: pages are evicted and rejected
+	v.randWrite("a", size, 0)
+	v.mustSync()
+	d := 2 * time.Second
+	if testing.Short() {
+		d = time.Second
+	}
+	p := make([]byte, 64<<10)
+	rounds := 0
+	for start := time.Now(); time.Since(start) < d; rounds++ {
+		if err := v.close(); err != nil {
+			t.Fatalf("round %d: Close after reads: %v", rounds, err)
+		}
+		v.open()
+		o := v.obj("a")
+		for k := int64(0); k < size/int64(len(p)); k++ {
+			off := k * 7919 * int64(len(p)) % (size - int64(len(p)))
+			if n, err := o.ReadAt(p, off); n != len(p) || err != nil {
+				t.Fatalf("ReadAt at %d: %d, %v", off, n, err)
+			}
+		}
+	}
+	if err := v.close(); err != nil {
+		t.Fatalf("round %d: Close after reads: %v", rounds, err)
+	}
+	t.Logf("%d rounds of reads and Close", rounds)
 }
 
 // TestFaultOpenDefaultsSmallBlocks: a device formatted with 512-byte
