@@ -3,11 +3,9 @@ package engine_test
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -29,16 +27,6 @@ func crashEnv(t *testing.T, name string, def uint64) uint64 {
 	return v
 }
 
-// crashFsck is promise 4: after every power cut the device passes Check,
-// and the error lists every problem found.
-func crashFsck(dev engine.Device) error {
-	r, err := engine.Check(dev)
-	if err != nil && len(r.Problems) > 0 {
-		return fmt.Errorf("%w (problems: %s)", err, strings.Join(r.Problems, "; "))
-	}
-	return err
-}
-
 // TestCrash cuts the power at 1,000 random points — in the middle of
 // workloads, of Close, of recovery — on a fault device that loses, reorders
 // and tears unflushed writes, and checks after every reboot that synced data
@@ -50,7 +38,7 @@ func crashFsck(dev engine.Device) error {
 func TestCrash(t *testing.T) {
 	seed := crashEnv(t, "RAWBLOCK_CRASH_SEED", rand.Uint64()>>1)
 	points := crashEnv(t, "RAWBLOCK_CRASH_POINTS", 1000)
-	cfg := crashtest.Config{Seed: seed, Points: int(points), Check: crashFsck}
+	cfg := crashtest.Config{Seed: seed, Points: int(points), Check: crashtest.Fsck}
 	if testing.Short() {
 		cfg.Objects, cfg.MaxObjectSize, cfg.MaxWrite, cfg.Steps = 4, 256<<10, 256<<10, 8
 	}

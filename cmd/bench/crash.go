@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"strings"
 	"time"
 
 	"github.com/rawblock/rawblock/engine"
@@ -39,19 +38,6 @@ type crashCmd struct {
 // progressEvery is how often a progress line is printed.
 const progressEvery = 2 * time.Second
 
-// fsck is engine.Check as a crashtest hook: a problem is an error that
-// lists every problem the report found.
-func fsck(dev engine.Device) error {
-	r, err := engine.Check(dev)
-	if err != nil {
-		if len(r.Problems) > 0 {
-			return fmt.Errorf("%w (problems: %s)", err, strings.Join(r.Problems, "; "))
-		}
-		return err
-	}
-	return nil
-}
-
 // Run implements the command.
 func (c *crashCmd) Run(env *appEnv) error {
 	if c.Seed < -1 {
@@ -83,7 +69,7 @@ func (c *crashCmd) Run(env *appEnv) error {
 		return fmt.Errorf("%w: --points, --points-per-run, --objects, --steps, --sector and the sizes must be positive", errBadFlag)
 	}
 	if !c.NoFsck {
-		cfg.Check = fsck
+		cfg.Check = crashtest.Fsck
 	}
 	env.printf("crash: seed %d, %d points, %d per run; device %s with %d-byte sectors, %d objects up to %s, writes up to %s, cache %s\n",
 		seed, c.Points, c.PointsPerRun, formatSize(int64(c.DeviceSize)), c.Sector, c.Objects,

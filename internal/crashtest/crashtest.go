@@ -72,7 +72,7 @@ type Config struct {
 	// default 12.
 	Steps int
 	// Check, if set, checks a rebooted device before it is reopened
-	// (engine.Check); an error is a broken promise.
+	// (Fsck: engine.Check); an error is a broken promise.
 	Check func(engine.Device) error
 	// Wrap, if set, wraps the device the engine opens (tests use it to
 	// break the device's promises and see the harness notice).
@@ -232,6 +232,16 @@ func Run(ctx context.Context, cfg Config) (st Stats, err error) {
 		}
 	}
 	return st, nil
+}
+
+// Fsck is promise 4 as a Config.Check: engine.Check, with every problem
+// its report lists in the error.
+func Fsck(dev engine.Device) error {
+	r, err := engine.Check(dev)
+	if err != nil && len(r.Problems) > 0 {
+		return fmt.Errorf("%w (problems: %s)", err, strings.Join(r.Problems, "; "))
+	}
+	return err
 }
 
 // ctxErr carries a cancellation out of a run, so it is not taken for a

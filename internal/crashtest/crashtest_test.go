@@ -18,6 +18,7 @@ func smallConfig(seed uint64, points int) Config {
 func TestRun(t *testing.T) {
 	var calls int
 	cfg := smallConfig(1, 40)
+	cfg.Check = Fsck
 	cfg.Progress = func(Stats) { calls++ }
 	st, err := Run(context.Background(), cfg)
 	if err != nil {
@@ -131,5 +132,22 @@ func TestRunConfigAndCancel(t *testing.T) {
 	cancel()
 	if _, err := Run(ctx, smallConfig(5, 10)); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled Run = %v", err)
+	}
+}
+
+func TestFsck(t *testing.T) {
+	d := engine.NewFaultDevice(32<<20, 512)
+	if err := engine.Format(d, engine.FormatOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Fsck(d); err != nil {
+		t.Fatalf("fresh device: %v", err)
+	}
+	// Destroy both superblock copies (A at 0, B one engine block on).
+	if _, err := d.WriteAt(make([]byte, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := Fsck(d); !errors.Is(err, engine.ErrCorrupt) {
+		t.Fatalf("device without superblocks: %v, want ErrCorrupt", err)
 	}
 }
