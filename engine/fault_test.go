@@ -620,11 +620,11 @@ func (v *fltEnv) checkRefused(o *engine.Object, before int64, n int, off int64, 
 }
 
 func fltNoSpace(t *testing.T, g fltGeom, seed uint64, tally *fltTally) {
-	size := int64(fltDevSize)
+	devSize := int64(fltDevSize)
 	if testing.Short() {
-		size = engine.MinDeviceSize
+		devSize = engine.MinDeviceSize
 	}
-	v := newFltEnvSize(t, g, seed, engine.FormatOptions{}, size)
+	v := newFltEnvSize(t, g, seed, engine.FormatOptions{}, devSize)
 	bs := v.bs()
 	names := []string{"a", "b", "c", "d"}
 	cases := 0
@@ -664,8 +664,9 @@ func fltNoSpace(t *testing.T, g fltGeom, seed uint64, tally *fltTally) {
 			v.mustSync()
 		}
 	}
-	// The last block: a one-byte write into a fresh block of each object
-	// until the device refuses every one.
+	// The last blocks: one-byte writes into a fresh block of each object
+	// in turn (each needs exactly one block) until the device refuses one
+	// after every object had its turn.
 	for j := 0; ; j++ {
 		if j > 1<<16 {
 			t.Fatal("one-byte writes into fresh blocks never ran out of space")
@@ -1084,6 +1085,7 @@ func fltMetaFault(t *testing.T, g fltGeom, mf metaFault, seed uint64, tally *flt
 	v.dirtyMix(1, fltSmall)
 	mf.inject(v)
 	err := mf.trigger(v)
+	t.Logf("the operation that hit the fault: %v", err)
 	fltShutdown(t, "the operation that hit the fault", err, mf.cause)
 	// A failed metadata write is never silently retried past: every
 	// change now fails and carries the cause.
