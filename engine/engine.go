@@ -1134,7 +1134,7 @@ func (e *Engine) reserve(n int64) error {
 	}
 	e.releaseAllWindows()
 	if serr := e.syncAll(false); serr != nil {
-		return fmt.Errorf("%w: %d blocks wanted (writeback before retry failed: %v)", ErrNoSpace, n, serr)
+		return fmt.Errorf("%w: %d blocks wanted (writeback before retry failed: %w)", ErrNoSpace, n, serr)
 	}
 	if err := e.space.Reserve(n); err != nil {
 		return fmt.Errorf("%w: %d blocks wanted: %v", ErrNoSpace, n, err)
