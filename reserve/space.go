@@ -29,11 +29,19 @@ func (k kind) String() string {
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
-// posVal is what the by-block index keeps per extent; the key is its end.
-type posVal struct {
-	start int64
-	kind  kind
-}
+// posVal is what the by-block index keeps per extent (the key is its
+// end): the start in the low 56 bits, the kind above. Block numbers stay
+// below MaxTotal = 2^48, and 8 bytes instead of 16 keep more of the index
+// in cache.
+type posVal uint64
+
+func mkPos(start int64, k kind) posVal { return posVal(uint64(start)&posStartMask | uint64(k)<<56) }
+
+const posStartMask = 1<<56 - 1
+
+func (v posVal) start() int64 { return int64(uint64(v) & posStartMask) }
+
+func (v posVal) kind() kind { return kind(v >> 56) }
 
 type (
 	posTree    = bptree.Tree[posVal]
@@ -43,21 +51,21 @@ type (
 )
 
 // posKey is the by-block key of an extent ending at end.
-func posKey(end int64) bptree.Key { return bptree.Key{A: end} }
+func posKey(end int64) bptree.Key { return bptree.Key{A: uint64(end)} }
 
 // sizeKey is the by-size key of a free extent: (Len, Start).
-func sizeKey(e Extent) bptree.Key { return bptree.Key{A: e.Len, B: e.Start} }
+func sizeKey(e Extent) bptree.Key { return bptree.Key{A: uint64(e.Len), B: uint64(e.Start)} }
 
 // extentAt returns the extent and kind the by-block cursor c points at.
 func extentAt(c posCursor) (Extent, kind) {
 	v := c.Value()
-	return Extent{Start: v.start, Len: c.Key().A - v.start}, v.kind
+	return Extent{Start: v.start(), Len: int64(c.Key().A) - v.start()}, v.kind()
 }
 
 // sizeExtent returns the free extent the by-size cursor c points at.
 func sizeExtent(c sizeCursor) Extent {
 	k := c.Key()
-	return Extent{Start: k.B, Len: k.A}
+	return Extent{Start: int64(k.B), Len: int64(k.A)}
 }
 
 // busyExtent is a freed extent that must not be reused until the metadata
@@ -330,7 +338,7 @@ func (s *Space) pick(rem, goal int64) (piece Extent, from source) {
 	// A run starting at goal that offers n continues the previous extent;
 	// taking n from a run's start costs no more extents than taking it from
 	// the longest run.
-	longest := m.Key().A
+	longest := int64(m.Key().A)
 	n = min(longest, s.maxExtent)
 	if hasGF && gf.f.Start == goal && gf.f.Len >= n {
 		return Extent{Start: goal, Len: n}, gf
@@ -356,16 +364,16 @@ func (s *Space) containing(x int64) (source, bool) {
 // it: it lands on the first one starting after goal, and the one before it
 // is the last one starting at or before goal.
 func (s *Space) bestFit(rem, goal int64) (source, bool) {
-	hi := s.bySize.Seek(bptree.Key{A: rem, B: goal + 1})
+	hi := s.bySize.Seek(sizeKey(Extent{Start: goal + 1, Len: rem}))
 	lo := hi
 	if hi.Valid() {
 		lo.Prev()
 	} else {
 		lo = s.bySize.Max()
 	}
-	okLo := goal >= 0 && lo.Valid() && lo.Key().A == rem
+	okLo := goal >= 0 && lo.Valid() && lo.Key().A == uint64(rem)
 	okHi := hi.Valid()
-	if !okLo && (!okHi || hi.Key().A != rem) {
+	if !okLo && (!okHi || hi.Key().A != uint64(rem)) {
 		// No extent of exactly rem blocks, so hi (if any) is the extent of
 		// the next length up with the lowest start.
 		if !okHi {
@@ -374,9 +382,9 @@ func (s *Space) bestFit(rem, goal int64) (source, bool) {
 		if f := sizeExtent(hi); f.Start > goal {
 			return source{f: f, bySize: hi}, true
 		}
-		return s.nearest(hi.Key().A, rem, goal), true
+		return s.nearest(int64(hi.Key().A), rem, goal), true
 	}
-	okHi = okHi && hi.Key().A == rem
+	okHi = okHi && hi.Key().A == uint64(rem)
 	if okLo && (!okHi || distance(sizeExtent(lo), rem, goal) <= distance(sizeExtent(hi), rem, goal)) {
 		return source{f: sizeExtent(lo), bySize: lo}, true
 	}
@@ -389,15 +397,15 @@ func (s *Space) bestFit(rem, goal int64) (source, bool) {
 // after it, so the only candidates are the last extent starting at or before
 // goal and the first starting after it: neighbours in the by-size index.
 func (s *Space) nearest(l, n, goal int64) source {
-	hi := s.bySize.Seek(bptree.Key{A: l, B: goal + 1})
+	hi := s.bySize.Seek(sizeKey(Extent{Start: goal + 1, Len: l}))
 	lo := hi
 	if hi.Valid() {
 		lo.Prev()
 	} else {
 		lo = s.bySize.Max()
 	}
-	okLo := lo.Valid() && lo.Key().A == l
-	okHi := hi.Valid() && hi.Key().A == l
+	okLo := lo.Valid() && lo.Key().A == uint64(l)
+	okHi := hi.Valid() && hi.Key().A == uint64(l)
 	switch {
 	case okLo && okHi:
 		if distance(sizeExtent(hi), n, goal) < distance(sizeExtent(lo), n, goal) {
@@ -453,7 +461,7 @@ func (s *Space) Free(e Extent, seq uint64) error {
 		s.mergeFree(e, next, false)
 		return nil
 	}
-	s.byEnd.InsertNear(next, posKey(e.End()), posVal{start: e.Start, kind: kindBusy})
+	s.byEnd.InsertNear(next, posKey(e.End()), mkPos(e.Start, kindBusy))
 	s.busyCount++
 	s.busyBlocks += e.Len
 	s.enqueueBusy(busyExtent{Extent: e, seq: seq})
@@ -644,9 +652,9 @@ func (s *Space) cutHeld(w Extent, c posCursor, e Extent) {
 	right := Extent{Start: e.End(), Len: w.End() - e.End()}
 	switch {
 	case right.Len > 0:
-		c.SetValue(posVal{start: right.Start, kind: kindHeld})
+		c.SetValue(mkPos(right.Start, kindHeld))
 		if left.Len > 0 {
-			s.byEnd.InsertNear(c, posKey(left.End()), posVal{start: left.Start, kind: kindHeld})
+			s.byEnd.InsertNear(c, posKey(left.End()), mkPos(left.Start, kindHeld))
 		}
 	case left.Len > 0:
 		s.byEnd.ReplaceKey(c, posKey(left.End()))
@@ -684,20 +692,20 @@ func (s *Space) insertHeld(e Extent) {
 	}
 	switch {
 	case hasLeft && hasRight:
-		next.SetValue(posVal{start: left.Start, kind: kindHeld})
+		next.SetValue(mkPos(left.Start, kindHeld))
 		s.byEnd.DeleteAt(prev)
 	case hasLeft:
 		s.byEnd.ReplaceKey(prev, posKey(e.End()))
 	case hasRight:
-		next.SetValue(posVal{start: e.Start, kind: kindHeld})
+		next.SetValue(mkPos(e.Start, kindHeld))
 	default:
-		s.byEnd.InsertNear(next, posKey(e.End()), posVal{start: e.Start, kind: kindHeld})
+		s.byEnd.InsertNear(next, posKey(e.End()), mkPos(e.Start, kindHeld))
 	}
 }
 
 // addFree inserts e into both free indexes without coalescing.
 func (s *Space) addFree(e Extent) {
-	if !s.byEnd.Insert(posKey(e.End()), posVal{start: e.Start, kind: kindFree}) {
+	if !s.byEnd.Insert(posKey(e.End()), mkPos(e.Start, kindFree)) {
 		panic(fmt.Sprintf("reserve: free extent %v: its end is already indexed by block", e))
 	}
 	s.sizeInsert(e)
@@ -752,7 +760,7 @@ func (s *Space) mergeFree(e Extent, c posCursor, present bool) {
 		merged = Extent{Start: left.Start, Len: right.End() - left.Start}
 		s.sizeDelete(left)
 		s.sizeDelete(right)
-		next.SetValue(posVal{start: left.Start, kind: kindFree})
+		next.SetValue(mkPos(left.Start, kindFree))
 		if present {
 			s.byEnd.DeleteRun(prev, 2)
 		} else {
@@ -762,7 +770,7 @@ func (s *Space) mergeFree(e Extent, c posCursor, present bool) {
 		merged = Extent{Start: left.Start, Len: e.End() - left.Start}
 		s.sizeDelete(left)
 		if present {
-			c.SetValue(posVal{start: left.Start, kind: kindFree})
+			c.SetValue(mkPos(left.Start, kindFree))
 			s.byEnd.DeleteAt(prev)
 		} else {
 			s.byEnd.ReplaceKey(prev, posKey(e.End()))
@@ -770,15 +778,15 @@ func (s *Space) mergeFree(e Extent, c posCursor, present bool) {
 	case hasRight:
 		merged = Extent{Start: e.Start, Len: right.End() - e.Start}
 		s.sizeDelete(right)
-		next.SetValue(posVal{start: e.Start, kind: kindFree})
+		next.SetValue(mkPos(e.Start, kindFree))
 		if present {
 			s.byEnd.DeleteAt(c)
 		}
 	default:
 		if present {
-			c.SetValue(posVal{start: e.Start, kind: kindFree})
+			c.SetValue(mkPos(e.Start, kindFree))
 		} else {
-			s.byEnd.InsertNear(c, posKey(e.End()), posVal{start: e.Start, kind: kindFree})
+			s.byEnd.InsertNear(c, posKey(e.End()), mkPos(e.Start, kindFree))
 		}
 	}
 	s.sizeInsert(merged)
@@ -813,10 +821,10 @@ func (s *Space) carve(from source, piece Extent) {
 	right := Extent{Start: piece.End(), Len: f.End() - piece.End()}
 	switch {
 	case right.Len > 0:
-		c.SetValue(posVal{start: right.Start, kind: kindFree})
+		c.SetValue(mkPos(right.Start, kindFree))
 		s.sizeInsert(right)
 		if left.Len > 0 {
-			s.byEnd.InsertNear(c, posKey(left.End()), posVal{start: left.Start, kind: kindFree})
+			s.byEnd.InsertNear(c, posKey(left.End()), mkPos(left.Start, kindFree))
 			s.sizeInsert(left)
 		}
 	case left.Len > 0:
@@ -839,7 +847,7 @@ func (s *Space) Stats() Stats {
 		FreeExtents: s.bySize.Len(),
 	}
 	if m := s.bySize.Max(); m.Valid() {
-		st.LargestFree = m.Key().A
+		st.LargestFree = int64(m.Key().A)
 	}
 	return st
 }
@@ -854,7 +862,7 @@ func (s *Space) LargestFree() Extent {
 	if !m.Valid() {
 		return Extent{}
 	}
-	return sizeExtent(s.bySize.Seek(bptree.Key{A: m.Key().A, B: -1}))
+	return sizeExtent(s.bySize.Seek(bptree.Key{A: m.Key().A}))
 }
 
 // FreeExtents calls fn for each allocatable free extent in order of start
@@ -864,10 +872,10 @@ func (s *Space) FreeExtents(fn func(Extent) bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.byEnd.Ascend(func(k bptree.Key, v posVal) bool {
-		if v.kind != kindFree {
+		if v.kind() != kindFree {
 			return true
 		}
-		return fn(Extent{Start: v.start, Len: k.A - v.start})
+		return fn(Extent{Start: v.start(), Len: int64(k.A) - v.start()})
 	})
 }
 
@@ -910,7 +918,7 @@ func (s *Space) Check() error {
 	var counts [3]int
 	prev, prevKind, hasPrev := Extent{}, kindFree, false
 	s.byEnd.Ascend(func(key bptree.Key, v posVal) bool {
-		e, k := Extent{Start: v.start, Len: key.A - v.start}, v.kind
+		e, k := Extent{Start: v.start(), Len: int64(key.A) - v.start()}, v.kind()
 		switch {
 		case k > kindHeld:
 			return fail("extent %v of unknown %v", e, k)
@@ -952,8 +960,8 @@ func (s *Space) Check() error {
 		return fmt.Errorf("reserve: %d free extents by block, %d by size", counts[kindFree], s.bySize.Len())
 	}
 	s.bySize.Ascend(func(key bptree.Key, _ struct{}) bool {
-		e := Extent{Start: key.B, Len: key.A}
-		if v, ok := s.byEnd.Get(posKey(e.End())); !ok || v != (posVal{start: e.Start, kind: kindFree}) {
+		e := Extent{Start: int64(key.B), Len: int64(key.A)}
+		if v, ok := s.byEnd.Get(posKey(e.End())); !ok || v != (mkPos(e.Start, kindFree)) {
 			return fail("free extent %v missing from the by-block index", e)
 		}
 		return true
@@ -970,7 +978,7 @@ func (s *Space) Check() error {
 		if i > 0 && b.seq < queue[i-1].seq {
 			return fmt.Errorf("reserve: busy queue out of order: %v (seq %d) after %v (seq %d)", b.Extent, b.seq, queue[i-1].Extent, queue[i-1].seq)
 		}
-		if v, ok := s.byEnd.Get(posKey(b.End())); !ok || v != (posVal{start: b.Start, kind: kindBusy}) {
+		if v, ok := s.byEnd.Get(posKey(b.End())); !ok || v != (mkPos(b.Start, kindBusy)) {
 			return fmt.Errorf("reserve: busy extent %v (seq %d) in the queue but not in the by-block index", b.Extent, b.seq)
 		}
 		if s.anyCommit && b.seq <= s.committed {

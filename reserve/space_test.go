@@ -434,14 +434,14 @@ func TestWindows(t *testing.T) {
 func TestCheckDetectsCorruption(t *testing.T) {
 	// Free space is [40+60].
 	busy := func(s *Space, b busyExtent) {
-		s.byEnd.Insert(posKey(b.End()), posVal{start: b.Start, kind: kindBusy})
+		s.byEnd.Insert(posKey(b.End()), mkPos(b.Start, kindBusy))
 		s.busyQueue = append(s.busyQueue, b)
 		s.busyCount++
 		s.busyBlocks += b.Len
 		s.acct.word.Add(uint64(b.Len))
 	}
 	held := func(s *Space, e Extent) {
-		s.byEnd.Insert(posKey(e.End()), posVal{start: e.Start, kind: kindHeld})
+		s.byEnd.Insert(posKey(e.End()), mkPos(e.Start, kindHeld))
 		s.heldBlocks += e.Len
 		s.acct.word.Add(uint64(e.Len))
 	}
@@ -460,7 +460,7 @@ func TestCheckDetectsCorruption(t *testing.T) {
 		}, "missing from the by-size index"},
 		{"by-block index has another extent", func(s *Space) {
 			c := s.byEnd.Seek(posKey(100))
-			c.SetValue(posVal{start: 41, kind: kindFree})
+			c.SetValue(mkPos(41, kindFree))
 			s.freeBlocks--
 			s.acct.word.Add(^uint64(0))
 		}, "missing from the by-size index"},

@@ -13,7 +13,7 @@ func benchKeys(n int) []Key {
 	r := rand.New(rand.NewPCG(5, 6))
 	keys := make([]Key, n)
 	for i := range keys {
-		keys[i] = Key{A: r.Int64N(64) + 1, B: int64(i) * 33}
+		keys[i] = Key{A: r.Uint64N(64) + 1, B: uint64(i) * 33}
 	}
 	r.Shuffle(n, func(i, j int) { keys[i], keys[j] = keys[j], keys[i] })
 	return keys
@@ -37,7 +37,7 @@ func BenchmarkSeek100k(b *testing.B) {
 		}
 		b.ReportAllocs()
 		b.ResetTimer()
-		var sink int64
+		var sink uint64
 		for i := 0; b.Loop(); i++ {
 			if c := t.Seek(probes[i%n]); c.Valid() {
 				sink += c.Key().B
@@ -52,7 +52,7 @@ func BenchmarkSeek100k(b *testing.B) {
 		}
 		b.ReportAllocs()
 		b.ResetTimer()
-		var sink int64
+		var sink uint64
 		for i := 0; b.Loop(); i++ {
 			t.AscendGreaterOrEqual(probes[i%n], func(k Key) bool { sink += k.B; return false })
 		}
