@@ -171,8 +171,8 @@ func (c *Cursor[V]) Prev() {
 // probe and mispredicts half its branches; counting over every key has no
 // branch to mispredict and loads that do not depend on each other, so the
 // misses overlap. Measured on BenchmarkAllocFree100kFreeExtents, this took
-// a fifth off Alloc; the same count in the inner nodes, which are cached,
-// was slower than their binary search.
+// a fifth off Alloc; the same count over all of an inner node, which is
+// cached, was slower than a binary search (see child for what is used).
 func (l *leaf[V]) lowerBound(k Key) int {
 	var c uint64
 	for _, x := range l.keys[:l.n] {
@@ -192,18 +192,27 @@ func (l *leaf[V]) upperBound(k Key) int {
 }
 
 // child returns the index of the child of x under which k belongs: the last
-// one whose separator is <= k.
+// one whose separator is <= k, which is the number of separators in
+// keys[1:n] that are <= k.
+//
+// Inner nodes are in cache, so what a binary search costs here is its
+// mispredicted branches. Instead, count first over every eighth separator,
+// which says how many whole groups of eight lie at or below k, then over
+// the seven separators of the next group: at most 14 comparisons, none of
+// them a branch. Measured against the binary search, a few percent off
+// Alloc and Free.
 func (x *inner[V]) child(k Key) int {
-	lo, hi := 1, x.n
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if less(k, x.keys[m&(innerCap-1)]) != 0 {
-			hi = m
-		} else {
-			lo = m + 1
-		}
+	last := x.n - 1 // separators are keys[1..last]
+	var g uint64
+	for m := 8; m <= last; m += 8 {
+		g += 1 - less(k, x.keys[m&(innerCap-1)])
 	}
-	return lo - 1
+	base := int(g) * 8
+	c := uint64(base)
+	for i := base + 1; i <= min(base+7, last); i++ {
+		c += 1 - less(k, x.keys[i&(innerCap-1)])
+	}
+	return int(c)
 }
 
 // findLeaf returns the leaf under which k belongs (nil in an empty zero
