@@ -163,6 +163,8 @@ type Engine struct {
 	// engine then refuses changes (ErrReadOnly) and keeps serving reads.
 	failed atomic.Pointer[error]
 
+	pressureUntil atomic.Int64 // unix ns; see spacePressure
+
 	// Dirty-budget waits (see throttleCtx).
 	thrMu     sync.Mutex
 	thrCtx    context.Context
@@ -1132,6 +1134,7 @@ func (e *Engine) reserve(n int64) error {
 	if !errors.Is(err, reserve.ErrNoSpace) {
 		return err
 	}
+	e.spacePressure()
 	e.releaseAllWindows()
 	if serr := e.syncAll(false); serr != nil {
 		return fmt.Errorf("%w: %d blocks wanted (writeback before retry failed: %w)", ErrNoSpace, n, serr)
@@ -1140,6 +1143,13 @@ func (e *Engine) reserve(n int64) error {
 		return fmt.Errorf("%w: %d blocks wanted: %v", ErrNoSpace, n, err)
 	}
 	return nil
+}
+
+// spacePressure stops new allocation windows for a while: space ran short,
+// and windows reopened by other writebacks would hold the space a retry
+// needs.
+func (e *Engine) spacePressure() {
+	e.pressureUntil.Store(time.Now().Add(2 * time.Second).UnixNano())
 }
 
 func (e *Engine) releaseAllWindows() {

@@ -974,8 +974,9 @@ func (o *Object) writeback() error {
 	}
 	err := o.allocLocked()
 	if errors.Is(err, ErrNoSpace) {
-		// Free space may be held by windows or busy until a checkpoint.
+		// Free space may be held by windows or busy until a commit.
 		o.mu.Unlock()
+		e.spacePressure()
 		e.releaseAllWindows()
 		if cerr := e.commit(false); cerr != nil {
 			return cerr
@@ -1112,7 +1113,19 @@ func (o *Object) takeWbErr() error {
 // allocation per range unless free space is fragmented.
 func (o *Object) allocLocked() error {
 	e := o.e
-	ranges := o.tree.DelallocRanges(nil, 0, -1)
+	// Delalloc blocks always have dirty pages: look for them only under
+	// the dirty runs, not across the whole map (an object of many extents
+	// would pay for all of them on every Sync).
+	var ranges []extenttree.Range
+	blocks := o.dirty.Blocks(make([]int64, 0, o.dirty.Len()))
+	for i := 0; i < len(blocks); {
+		j := i + 1
+		for j < len(blocks) && blocks[j] == blocks[j-1]+1 {
+			j++
+		}
+		ranges = o.tree.DelallocRanges(ranges, blocks[i], int64(j-i))
+		i = j
+	}
 	bs := int64(e.bs)
 	eof := (o.size + bs - 1) / bs
 	for _, r := range ranges {
@@ -1237,7 +1250,13 @@ func (o *Object) openWindowLocked(end int64) {
 	_, mapped := o.tree.Count(extenttree.Written)
 	_, unw := o.tree.Count(extenttree.Unwritten)
 	want := max(2*(mapped+unw), int64(maxIOBytes)>>e.shift)
-	want = min(want, int64(1<<30)>>e.shift, e.space.Stats().Free/16)
+	// A window never holds space that reservations have promised, and
+	// none opens for a while after space ran short.
+	if e.pressureUntil.Load() > time.Now().UnixNano() {
+		return
+	}
+	st := e.space.Stats()
+	want = min(want, int64(1<<30)>>e.shift, (st.Allocatable-st.Reserved)/16)
 	if want <= 0 {
 		return
 	}
