@@ -20,8 +20,8 @@
 //     the tree's structure (the leaf neither under- nor overflows and the
 //     new key lies strictly between two keys of the leaf); otherwise the
 //     operation falls back to the ordinary one.
-//   - Nodes that merges and Clear free are kept for reuse (up to a bound),
-//     so a tree whose size hovers allocates nothing.
+//   - Nodes that merges free are kept for reuse (up to a bound), so a tree
+//     whose size hovers allocates nothing.
 //
 // A Tree is not safe for concurrent use; its user locks.
 package bptree
@@ -181,16 +181,6 @@ func (l *leaf[V]) lowerBound(k Key) int {
 	return int(c)
 }
 
-// upperBound returns the index of the first key of l that is > k: the
-// number of keys at or below k.
-func (l *leaf[V]) upperBound(k Key) int {
-	var c uint64
-	for _, x := range l.keys[:l.n] {
-		c += 1 - less(k, x)
-	}
-	return int(c)
-}
-
 // child returns the index of the child of x under which k belongs: the last
 // one whose separator is <= k, which is the number of separators in
 // keys[1:n] that are <= k.
@@ -244,25 +234,6 @@ func (t *Tree[V]) Seek(k Key) Cursor[V] {
 	return Cursor[V]{l: l, i: i}
 }
 
-// SeekLE returns a cursor at the last item with key <= k, or an invalid one
-// if there is none.
-func (t *Tree[V]) SeekLE(k Key) Cursor[V] {
-	l := t.findLeaf(k)
-	if l == nil {
-		return Cursor[V]{}
-	}
-	c := Cursor[V]{l: l, i: l.upperBound(k)}
-	if c.i == l.n {
-		c.i--
-		if c.i < 0 { // the empty root leaf
-			return Cursor[V]{}
-		}
-		return c
-	}
-	c.Prev()
-	return c
-}
-
 // Get returns the value stored under k.
 func (t *Tree[V]) Get(k Key) (v V, ok bool) {
 	c := t.Seek(k)
@@ -276,14 +247,6 @@ func (t *Tree[V]) Get(k Key) (v V, ok bool) {
 func (t *Tree[V]) Has(k Key) bool {
 	c := t.Seek(k)
 	return c.Valid() && c.Key() == k
-}
-
-// Min returns a cursor at the first item (invalid if the tree is empty).
-func (t *Tree[V]) Min() Cursor[V] {
-	if t.n == 0 {
-		return Cursor[V]{}
-	}
-	return Cursor[V]{l: t.head}
 }
 
 // Max returns a cursor at the last item (invalid if the tree is empty).
@@ -307,31 +270,6 @@ func (t *Tree[V]) Ascend(fn func(Key, V) bool) {
 			}
 		}
 	}
-}
-
-// Clear removes every item, keeping up to a bounded number of nodes for
-// reuse.
-func (t *Tree[V]) Clear() {
-	if t.height > 0 {
-		t.releaseSubtree(t.root, t.height)
-		t.root, t.height = nil, 0
-		t.rootLeaf = t.newLeaf()
-	} else if t.rootLeaf != nil {
-		clear(t.rootLeaf.vals[:t.rootLeaf.n])
-		t.rootLeaf.n = 0
-	}
-	t.head, t.tail, t.n = t.rootLeaf, t.rootLeaf, 0
-}
-
-func (t *Tree[V]) releaseSubtree(x *inner[V], height int) {
-	for i := 0; i < x.n; i++ {
-		if height > 1 {
-			t.releaseSubtree(x.inners[i], height-1)
-		} else {
-			t.releaseLeaf(x.leaves[i])
-		}
-	}
-	t.releaseInner(x)
 }
 
 func (t *Tree[V]) newLeaf() *leaf[V] {
