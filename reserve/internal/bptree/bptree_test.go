@@ -278,6 +278,14 @@ func TestZeroAndEmpty(t *testing.T) {
 	if tr.height < 2 {
 		t.Fatalf("10000 keys in %d inner levels; the test wants at least 2", tr.height)
 	}
+	// Keys added in order fill the leaves to three quarters, not half.
+	leaves := 0
+	for l := tr.head; l != nil; l = l.next {
+		leaves++
+	}
+	if want := 10000/(leafCap-leafMin) + 1; leaves > want {
+		t.Fatalf("10000 ordered keys in %d leaves, want at most %d", leaves, want)
+	}
 	for i := range uint64(10000) {
 		if _, ok := tr.Delete(Key{A: i}); !ok {
 			t.Fatalf("Delete(%d) missed", i)
