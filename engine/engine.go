@@ -148,15 +148,22 @@ type Engine struct {
 	gen     uint64
 	doneGen atomic.Uint64
 
-	// The committer's state (syncMu): one commit at a time, and the callers
-	// waiting on syncMu share the next one (group commit).
-	syncMu   sync.Mutex
+	// The committers' state (cmu, ccond; see commit): whether a commit is
+	// being planned, the newest generation a commit in progress took, and
+	// the tickets that keep commits' I/O in order.
+	cmu        sync.Mutex
+	ccond      *sync.Cond
+	planning   bool
+	swapped    uint64
+	nextTicket uint64
+	turn       uint64
+	// The planner's state (one planner at a time).
 	ring     ringPos
-	ckptSlot int // the slot of the newest durable checkpoint
-	ckptBuf  []byte
-	txBuf    []byte
-	jspare   []byte
-	ckptFull bool // the last checkpoint did not fit its region
+	ckptSlot int // the slot of the newest planned checkpoint
+	txBufs   [2][]byte
+	txIdx    int
+	jspare   []byte // guarded by jmu
+	ckptFull bool   // the last checkpoint did not fit its region
 	wantCkpt atomic.Bool
 
 	// failed holds the cause once a metadata write or flush failed: the
@@ -413,6 +420,7 @@ func open(dev Device, opts Options) (*Engine, error) {
 	for 1<<e.shift < e.bs {
 		e.shift++
 	}
+	e.ccond = sync.NewCond(&e.cmu)
 	e.ringUsed.Store(e.ring.used)
 	e.ckptBytes.Store(int64(l.ckpt.encodedLen))
 	e.logged.Store(int64(l.ring.used) * int64(e.bs))
@@ -665,29 +673,86 @@ func cmpErr(a, b error) error {
 // commit makes durable every operation logged and every data write that
 // completed before the call: it flushes the device and writes the pending
 // batch as one journal transaction (or a checkpoint, when ckpt is set or the
-// batch does not fit the ring). Callers that arrive while a commit is in
-// flight wait on syncMu and are usually covered by the next one: a group
-// commit, one flush for many callers. Only after it do extents freed in the
-// batch become allocatable.
+// batch does not fit the ring).
+//
+// Group commit: callers that arrive while a commit is being planned wait,
+// and are carried by the next one, or by the one that took their batch.
+// Commits are pipelined in two stages: planning (take the batch, encode its
+// transaction, advance the ring — one commit at a time) and I/O (flush the
+// data the batch depends on, write, flush). The data flush of one commit
+// overlaps the journal write and flush of the one before it; the journal
+// writes themselves, and the points where a generation becomes durable, stay
+// in order. Only after its commit do extents freed in a batch become
+// allocatable.
 func (e *Engine) commit(ckpt bool) error {
 	e.jmu.Lock()
 	want := e.gen
 	e.jmu.Unlock()
-	e.syncMu.Lock()
-	defer e.syncMu.Unlock()
-	if err := e.failure(); err != nil {
-		return err
+	e.cmu.Lock()
+	for {
+		if err := e.failure(); err != nil {
+			e.cmu.Unlock()
+			return err
+		}
+		if !ckpt && e.doneGen.Load() >= want {
+			e.cmu.Unlock()
+			return nil // a commit that started after our call covered us
+		}
+		// At most commitDepth commits in flight: the callers arriving
+		// meanwhile gather into the next batch.
+		if e.planning || (!ckpt && e.swapped >= want) || e.nextTicket-e.turn >= commitDepth {
+			e.ccond.Wait()
+			continue
+		}
+		break
 	}
-	if !ckpt && e.doneGen.Load() >= want {
-		return nil // a commit that started after our call covered us
+	e.planning = true
+	e.cmu.Unlock()
+
+	p, err := e.plan(ckpt)
+	e.cmu.Lock()
+	e.planning = false
+	if err == nil {
+		e.swapped = p.g
+		p.ticket = e.nextTicket
+		e.nextTicket++
 	}
+	e.cmu.Unlock()
+	e.ccond.Broadcast()
+	if err != nil {
+		return e.shutdown(err)
+	}
+	return e.perform(p)
+}
+
+// commitDepth is how many commits may be in flight at once: one writing
+// its journal transaction, and the next flushing its data meanwhile.
+const commitDepth = 2
+
+// commitPlan is one commit, as planned: the batch it carries and the bytes
+// to write.
+type commitPlan struct {
+	g, ticket uint64
+	ops       []byte
+	preFlush  bool   // flush the data the batch depends on first
+	buf       []byte // a transaction or a checkpoint; nil: a bare flush
+	off       int64
+	what      string
+	ckpt      bool
+	ringUsed  int64 // live ring blocks once this commit is durable
+}
+
+// plan takes the pending batch and encodes it, advancing the ring as if the
+// commits planned so far had all succeeded (one that fails shuts the engine
+// down). Only one commit plans at a time.
+func (e *Engine) plan(ckpt bool) (*commitPlan, error) {
 	e.gate.Lock()
 	e.jmu.Lock()
-	g, ops, flush := e.gen, e.jops, e.jflush
+	p := &commitPlan{g: e.gen, ops: e.jops, preFlush: e.jflush}
 	e.jops, e.jspare, e.jflush, e.jsince = e.jspare[:0], nil, false, time.Time{}
 	e.gen++
 	e.jmu.Unlock()
-	ckpt = ckpt || !e.ringFits(len(ops))
+	ckpt = ckpt || !e.ringFits(len(p.ops))
 	var snap *checkpoint
 	if ckpt {
 		e.logged.Store(0)
@@ -695,35 +760,25 @@ func (e *Engine) commit(ckpt bool) error {
 	}
 	e.gate.Unlock()
 
-	var err error
-	switch {
-	case ckpt:
-		err = e.writeCheckpoint(snap)
-		if errors.Is(err, errCkptFull) && e.ringFits(len(ops)) {
-			// Keep going on the journal while it has room; the
-			// checkpoint is retried when it fills.
-			e.ckptFull = true
-			err = e.appendTx(ops, flush)
+	if ckpt {
+		err := e.planCheckpoint(p, snap)
+		if !errors.Is(err, errCkptFull) {
+			return p, err
 		}
-	case len(ops) > 0:
-		err = e.appendTx(ops, flush)
-	default:
-		err = e.flushDevice()
+		if !e.ringFits(len(p.ops)) {
+			return p, err
+		}
+		// Keep going on the journal while it has room; the checkpoint is
+		// retried when it fills.
+		e.ckptFull = true
 	}
-	if err != nil {
-		// What is durable is unknown: refuse further changes rather than
-		// build on metadata that may not be there.
-		return e.shutdown(err)
+	if len(p.ops) > 0 {
+		e.planTx(p)
+	} else {
+		p.preFlush = true // the flush is the whole commit
 	}
-	e.jspare = ops[:0]
-	e.commits.Add(1)
-	e.doneGen.Store(g)
-	e.space.Commit(g)
-	if e.ring.used > e.sb.JournalBlocks/2 && !e.ckptFull {
-		e.wantCkpt.Store(true)
-		e.kickWriteback()
-	}
-	return nil
+	p.ringUsed = e.ring.used
+	return p, nil
 }
 
 // ringFits reports whether a transaction of n payload bytes fits the ring
@@ -740,17 +795,10 @@ func (e *Engine) ringFits(n int) bool {
 	return blocks <= max(jb/4, 1) && e.ring.used+waste+blocks <= jb
 }
 
-// appendTx writes ops as the next journal transaction: the data the batch
-// maps is flushed first, the transaction after it (DESIGN.md, writeback
-// step 3).
-func (e *Engine) appendTx(ops []byte, flush bool) error {
-	if flush {
-		if err := e.flushDevice(); err != nil {
-			return err
-		}
-	}
+// planTx encodes the batch as the next journal transaction.
+func (e *Engine) planTx(p *commitPlan) {
 	jb, bs := e.sb.JournalBlocks, e.bs
-	n := txBlocks(len(ops), bs)
+	n := txBlocks(len(p.ops), bs)
 	pos, waste := e.ring.head, int64(0)
 	if pos+int64(n) > jb {
 		pos, waste = 0, jb-pos
@@ -758,54 +806,92 @@ func (e *Engine) appendTx(ops []byte, flush bool) error {
 	if e.ring.used+waste+int64(n) > jb {
 		panic(fmt.Sprintf("rawblock: journal: a %d-block transaction overruns the ring (%d of %d blocks live)", n, e.ring.used, jb))
 	}
-	if cap(e.txBuf) < n*bs {
-		e.txBuf = alignedBuf(max(n*bs, 16*bs))
+	// Two buffers: the commit before this one may still be writing from
+	// the other.
+	e.txIdx ^= 1
+	if cap(e.txBufs[e.txIdx]) < n*bs {
+		e.txBufs[e.txIdx] = alignedBuf(max(n*bs, 16*bs))
 	}
-	buf := e.txBuf[:n*bs]
-	sum := encodeTx(buf, ops, bs, e.ring.seq+1, e.ring.chain, e.sb.UUID)
-	if err := e.writeDev(buf, (e.sb.JournalStart+pos)*int64(bs)); err != nil {
-		return fmt.Errorf("write journal: %w", err)
-	}
-	if err := e.flushDevice(); err != nil {
-		return err
-	}
-	e.journalBytes.Add(uint64(len(buf)))
+	p.buf = e.txBufs[e.txIdx][:n*bs]
+	sum := encodeTx(p.buf, p.ops, bs, e.ring.seq+1, e.ring.chain, e.sb.UUID)
+	p.off = (e.sb.JournalStart + pos) * int64(bs)
+	p.what = "journal"
 	e.ring.head = (pos + int64(n)) % jb
 	e.ring.used += waste + int64(n)
-	e.ringUsed.Store(e.ring.used)
 	e.ring.seq++
 	e.ring.chain = sum
-	return nil
 }
 
-// writeCheckpoint writes snap into the older slot. The flush before it makes
-// the data of every extent it maps durable; the flush after it makes it the
-// newest checkpoint, and the ring's space before its position reusable.
-func (e *Engine) writeCheckpoint(snap *checkpoint) error {
+// planCheckpoint encodes snap for the older slot. Its data flush makes the
+// data of every extent it maps durable; the flush after its write makes it
+// the newest checkpoint, and the ring's space before its position reusable
+// (later transactions are written only after that).
+func (e *Engine) planCheckpoint(p *commitPlan, snap *checkpoint) error {
 	snap.Seq = e.ring.seq + 1
 	snap.JournalPos, snap.Chain = e.ring.head, e.ring.chain
-	data, err := encodeCheckpoint(e.ckptBuf, snap, e.bs, e.sb.CkptBlocks)
+	data, err := encodeCheckpoint(nil, snap, e.bs, e.sb.CkptBlocks)
 	if err != nil {
 		return err
 	}
-	e.ckptBuf = data
 	e.ckptBytes.Store(int64(len(data)))
-	if err := e.flushDevice(); err != nil {
-		return err
-	}
 	slot := 1 - e.ckptSlot
-	if err := e.writeDev(data, e.sb.CkptStart[slot]*int64(e.bs)); err != nil {
-		return fmt.Errorf("write checkpoint %c: %w", 'A'+slot, err)
-	}
-	if err := e.flushDevice(); err != nil {
-		return err
-	}
-	e.checkpoints.Add(1)
+	p.buf, p.off, p.preFlush, p.ckpt = data, e.sb.CkptStart[slot]*int64(e.bs), true, true
+	p.what = fmt.Sprintf("checkpoint %c", 'A'+slot)
 	e.ckptSlot = slot
 	e.ring.seq, e.ring.used = snap.Seq, 0
-	e.ringUsed.Store(0)
 	e.ckptFull = false
 	return nil
+}
+
+// perform does a planned commit's I/O. Its data flush runs at once, in
+// parallel with the commits before it; its write waits for their turn.
+func (e *Engine) perform(p *commitPlan) error {
+	var err error
+	if p.preFlush {
+		err = e.flushDevice()
+	}
+	e.cmu.Lock()
+	for e.turn != p.ticket {
+		e.ccond.Wait()
+	}
+	e.cmu.Unlock()
+	if err == nil {
+		err = e.failure() // an earlier commit failed: build nothing on it
+	}
+	if err == nil && p.buf != nil {
+		if err = e.writeDev(p.buf, p.off); err != nil {
+			err = fmt.Errorf("write %s: %w", p.what, err)
+		} else {
+			err = e.flushDevice()
+		}
+	}
+	if err != nil {
+		err = e.shutdown(err)
+	} else {
+		if p.ckpt {
+			e.checkpoints.Add(1)
+		} else if p.buf != nil {
+			e.journalBytes.Add(uint64(len(p.buf)))
+		}
+		e.commits.Add(1)
+		e.ringUsed.Store(p.ringUsed)
+		e.doneGen.Store(p.g)
+		e.space.Commit(p.g)
+		e.jmu.Lock()
+		if e.jspare == nil {
+			e.jspare = p.ops[:0]
+		}
+		e.jmu.Unlock()
+		if p.ringUsed > e.sb.JournalBlocks/2 {
+			e.wantCkpt.Store(true)
+			e.kickWriteback()
+		}
+	}
+	e.cmu.Lock()
+	e.turn++
+	e.cmu.Unlock()
+	e.ccond.Broadcast()
+	return err
 }
 
 // snapshot captures the durable part of the metadata: names, sizes and
@@ -936,7 +1022,10 @@ func (e *Engine) pendingOps() (int, time.Time) {
 // every later change gets.
 func (e *Engine) shutdown(cause error) error {
 	err := fmt.Errorf("%w: shut down after a metadata write failed: %w", ErrReadOnly, cause)
+	e.cmu.Lock() // committers waiting on ccond check failure() under cmu
 	e.failed.CompareAndSwap(nil, &err)
+	e.cmu.Unlock()
+	e.ccond.Broadcast()
 	return *e.failed.Load()
 }
 
