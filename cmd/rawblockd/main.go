@@ -72,7 +72,10 @@ func (d *deviceFlags) openEngine(readOnly bool) (*engine.Engine, func() error, e
 	eng, err := engine.Open(dev, engine.Options{CacheSize: int64(d.Cache), DirtyLimit: int64(d.DirtyLimit), ReadOnly: readOnly})
 	if err != nil {
 		dev.Close()
-		return nil, nil, fmt.Errorf("open %s: %w (format it with --format)", d.Device, err)
+		if errors.Is(err, engine.ErrCorrupt) && !d.Format {
+			return nil, nil, fmt.Errorf("open %s: %w (a new device needs --format)", d.Device, err)
+		}
+		return nil, nil, fmt.Errorf("open %s: %w", d.Device, err)
 	}
 	closeFn := func() error {
 		err := eng.Close()

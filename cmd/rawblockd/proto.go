@@ -35,12 +35,10 @@ const (
 	tflagReadOnly        uint16 = 1 << 1
 	tflagSendFlush       uint16 = 1 << 2
 	tflagSendFUA         uint16 = 1 << 3
-	tflagRotational      uint16 = 1 << 4
 	tflagSendTrim        uint16 = 1 << 5
 	tflagSendWriteZeroes uint16 = 1 << 6
 	tflagSendDF          uint16 = 1 << 7
 	tflagCanMultiConn    uint16 = 1 << 8
-	tflagSendResize      uint16 = 1 << 9
 	tflagSendCache       uint16 = 1 << 10
 	tflagSendFastZero    uint16 = 1 << 11
 )
@@ -66,16 +64,13 @@ const (
 	repInfo        uint32 = 3
 	repMetaContext uint32 = 4
 
-	repErrBit           uint32 = 1 << 31
-	repErrUnsup                = repErrBit | 1
-	repErrPolicy               = repErrBit | 2
-	repErrInvalid              = repErrBit | 3
-	repErrPlatform             = repErrBit | 4
-	repErrTLSReqd              = repErrBit | 5
-	repErrUnknown              = repErrBit | 6
-	repErrShutdown             = repErrBit | 7
-	repErrBlockSizeReqd        = repErrBit | 8
-	repErrTooBig               = repErrBit | 9
+	repErrBit      uint32 = 1 << 31
+	repErrUnsup           = repErrBit | 1
+	repErrPolicy          = repErrBit | 2
+	repErrInvalid         = repErrBit | 3
+	repErrUnknown         = repErrBit | 6
+	repErrShutdown        = repErrBit | 7
+	repErrTooBig          = repErrBit | 9
 )
 
 // NBD_INFO types sent in NBD_REP_INFO.
@@ -113,10 +108,8 @@ const (
 
 	replyTypeNone        uint16 = 0
 	replyTypeOffsetData  uint16 = 1
-	replyTypeOffsetHole  uint16 = 2
 	replyTypeBlockStatus uint16 = 5
 	replyTypeError       uint16 = 1<<15 | 1
-	replyTypeErrorOffset uint16 = 1<<15 | 2
 )
 
 // base:allocation status flags.
@@ -136,10 +129,8 @@ const (
 const (
 	errPerm      uint32 = uint32(syscall.EPERM)
 	errIO        uint32 = uint32(syscall.EIO)
-	errNoMem     uint32 = uint32(syscall.ENOMEM)
 	errInval     uint32 = uint32(syscall.EINVAL)
 	errNoSpc     uint32 = uint32(syscall.ENOSPC)
-	errOverflow  uint32 = uint32(syscall.EOVERFLOW)
 	errNotSup    uint32 = uint32(syscall.ENOTSUP)
 	errShutdown  uint32 = uint32(syscall.ESHUTDOWN)
 	requestBytes        = 28 // magic, flags, type, handle, offset, length

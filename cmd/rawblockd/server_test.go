@@ -666,6 +666,10 @@ func TestProtocolViolationsDisconnect(t *testing.T) {
 			c.send(cmdWrite, 0, 1, 0, 1<<20, make([]byte, 1000))
 			c.nc.(*net.TCPConn).CloseWrite()
 		},
+		"disconnect mid small payload": func(c *testClient) {
+			c.send(cmdWrite, 0, 1, 0, 4096, make([]byte, 1000))
+			c.nc.(*net.TCPConn).CloseWrite()
+		},
 		"disconnect mid header": func(c *testClient) {
 			c.bw.Write([]byte{0x25, 0x60, 0x95})
 			c.bw.Flush()
