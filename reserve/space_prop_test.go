@@ -234,8 +234,13 @@ func TestSpaceAgainstBitmapModel(t *testing.T) {
 // fall back to full descents. Requests are capped at 64 blocks to keep the
 // model's brute force affordable.
 func TestSpaceAgainstBitmapModelLarge(t *testing.T) {
-	rapidFlag(t, "rapid.checks", 12)
-	rapidFlag(t, "rapid.steps", 300)
+	checks, steps := 12, 300
+	if raceEnabled {
+		// One goroutine: nothing for the race detector to find.
+		checks, steps = 2, 150
+	}
+	rapidFlag(t, "rapid.checks", checks)
+	rapidFlag(t, "rapid.steps", steps)
 	rapid.Check(t, func(t *rapid.T) {
 		total := rapid.Int64Range(12000, 20000).Draw(t, "total")
 		r := rand.New(rand.NewPCG(rapid.Uint64().Draw(t, "layoutSeed"), 1))
