@@ -37,6 +37,10 @@
 #                   and the round trip includes a restart)
 #   NBDKIT_OPTS     nbdkit server options (default "--threads 16")
 #   NBDKIT_PLUGIN   file plugin parameters (default "cache=default")
+#   DROP_CACHES     1: drop the kernel's page cache at the restart of the
+#                   ext4 round trip (default 0). nbdkit's page cache survives
+#                   a restart of nbdkit, rawblockd's cache does not; with 1
+#                   both servers restart cold.
 #   RAWBLOCKD       a prebuilt rawblockd (default: go build it)
 set -euo pipefail
 
@@ -55,6 +59,7 @@ runtime=${RUNTIME:-10}
 size=${SIZE:-512M}
 fs_size=${FS_SIZE:-1G}
 tree_mb=${TREE_MB:-256}
+drop_caches=${DROP_CACHES:-0}
 rawblockd_opts=${RAWBLOCKD_OPTS:---cache 2G}
 rawblockd_fs_opts=${RAWBLOCKD_FS_OPTS:---cache 256M}
 nbdkit_opts=${NBDKIT_OPTS:---threads 16}
@@ -204,6 +209,10 @@ ext4_round_trip() {
 	cp -a "$tmp/tree/." "$mnt/"
 	down_fs
 	stop_server
+	if [ "$drop_caches" = 1 ]; then
+		sync
+		echo 3 >/proc/sys/vm/drop_caches
+	fi
 	start_server "$kind"
 	start_fuse
 	loopdev=$(losetup --find --show "$fusedir/nbd")
@@ -261,7 +270,7 @@ echo
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(uname -r), ${cpu:-unknown cpu} ($(nproc) CPUs), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "device: $dev; fio region $size, ${runtime}s per run, $rounds rounds alternating (medians); $(fio --version), $(nbdkit --version)"
 echo "rawblockd $rawblockd_opts (ext4: $rawblockd_fs_opts) | nbdkit $nbdkit_opts file $nbdkit_plugin"
-[ $do_ext4 = 0 ] || echo "ext4 round trip: $fs_size file system, ${files} files / ${tree_mb} MiB copied"
+[ $do_ext4 = 0 ] || echo "ext4 round trip: $fs_size file system, ${files} files / ${tree_mb} MiB copied; page cache dropped at the restart: $([ "$drop_caches" = 1 ] && echo yes || echo no)"
 echo
 python3 - "$tmp" "$rounds" "$do_ext4" <<'PY'
 import json, statistics, sys
