@@ -426,8 +426,8 @@ func open(dev Device, opts Options) (*Engine, error) {
 	e.logged.Store(int64(l.ring.used) * int64(e.bs))
 	e.bufPool.New = func() any { b := alignedBuf(max(maxIOBytes, e.bs)); return &b }
 	for _, mo := range l.state.byID {
-		o := e.newObject(mo.id, mo.name)
-		o.size, o.diskSize, o.tree = mo.size, mo.size, mo.tree
+		o := e.newObject(mo.id, mo.name, mo.tree)
+		o.size, o.diskSize = mo.size, mo.size
 		e.objects[mo.name] = o
 	}
 	// Free space is derived: everything the metadata does not map.
@@ -463,13 +463,8 @@ func open(dev Device, opts Options) (*Engine, error) {
 	return e, nil
 }
 
-func (e *Engine) newObject(id uint64, name string) *Object {
-	return &Object{
-		e:    e,
-		id:   id,
-		name: name,
-		tree: extenttree.New(),
-	}
+func (e *Engine) newObject(id uint64, name string, tree *extenttree.Tree) *Object {
+	return &Object{e: e, id: id, name: name, tree: tree}
 }
 
 // enter admits a public call; exit must follow. It fails once Close began.
@@ -517,7 +512,7 @@ func (e *Engine) Create(name string) (*Object, error) {
 	if _, ok := e.objects[name]; ok {
 		return nil, fmt.Errorf("create %q: %w", name, fs.ErrExist)
 	}
-	o := e.newObject(e.nextID, name)
+	o := e.newObject(e.nextID, name, extenttree.New())
 	e.nextID++
 	e.objects[name] = o
 	e.logOp(jop{kind: opCreate, id: o.id, name: name})
