@@ -30,7 +30,8 @@
 #   SIZE            region the fio runs use (default 512M); rawblockd serves
 #                   it as one export
 #   FS_SIZE         ext4 size (default 1G); TREE_MB: data copied (default 256)
-#   RAWBLOCKD_OPTS  rawblockd options for the fio runs (default "--cache 2G":
+#   RAWBLOCKD_OPTS  rawblockd options for the fio runs (default "--cache 4G
+#                   --dirty-limit 3G":
 #                   the region fits its cache as it fits nbdkit's page cache)
 #   RAWBLOCKD_FS_OPTS  rawblockd options for the ext4 round trip (default
 #                   "--cache 256M": the engine pins its whole cache at open,
@@ -60,7 +61,7 @@ size=${SIZE:-512M}
 fs_size=${FS_SIZE:-1G}
 tree_mb=${TREE_MB:-256}
 drop_caches=${DROP_CACHES:-0}
-rawblockd_opts=${RAWBLOCKD_OPTS:---cache 2G}
+rawblockd_opts=${RAWBLOCKD_OPTS:---cache 4G --dirty-limit 3G}
 rawblockd_fs_opts=${RAWBLOCKD_FS_OPTS:---cache 256M}
 nbdkit_opts=${NBDKIT_OPTS:---threads 16}
 nbdkit_plugin=${NBDKIT_PLUGIN:-cache=default}
