@@ -9,8 +9,8 @@
 # rounds (default 3) runs every workload on both servers, alternating which
 # goes first; the table shows medians and rawblockd/nbdkit ratios.
 #
-# Before the workloads, the region is written once (fio write 1M) and read
-# once in random 64k blocks, through the server being measured: nbdkit's
+# Before the workloads, the region is written once (fio write 1M, then a
+# flush) and read once in random 64k blocks, through the server measured: nbdkit's
 # page cache holds the region after the write already, while rawblockd's
 # cache keeps no pages of large writebacks and admits pages on random, not
 # sequential, reads (engine policy). Without that pass the random reads
@@ -30,8 +30,7 @@
 #   SIZE            region the fio runs use (default 512M); rawblockd serves
 #                   it as one export
 #   FS_SIZE         ext4 size (default 1G); TREE_MB: data copied (default 256)
-#   RAWBLOCKD_OPTS  rawblockd options for the fio runs (default "--cache 4G
-#                   --dirty-limit 3G":
+#   RAWBLOCKD_OPTS  rawblockd options for the fio runs (default "--cache 2G":
 #                   the region fits its cache as it fits nbdkit's page cache)
 #   RAWBLOCKD_FS_OPTS  rawblockd options for the ext4 round trip (default
 #                   "--cache 256M": the engine pins its whole cache at open,
@@ -61,7 +60,7 @@ size=${SIZE:-512M}
 fs_size=${FS_SIZE:-1G}
 tree_mb=${TREE_MB:-256}
 drop_caches=${DROP_CACHES:-0}
-rawblockd_opts=${RAWBLOCKD_OPTS:---cache 4G --dirty-limit 3G}
+rawblockd_opts=${RAWBLOCKD_OPTS:---cache 2G}
 rawblockd_fs_opts=${RAWBLOCKD_FS_OPTS:---cache 256M}
 nbdkit_opts=${NBDKIT_OPTS:---threads 16}
 nbdkit_plugin=${NBDKIT_PLUGIN:-cache=default}
@@ -240,7 +239,7 @@ run_server() { # kind round
 	phase=fio
 	start_server "$kind" first
 	fio --name=prefill --ioengine=nbd --uri="$(uri fio)" --rw=write --bs=1M --iodepth=8 \
-		--size="$size" --output-format=terse >/dev/null 2>&1 || die "prefill on $kind failed"
+		--size="$size" --end_fsync=1 --output-format=terse >/dev/null 2>&1 || die "prefill on $kind failed"
 	fio --name=warm --ioengine=nbd --uri="$(uri fio)" --rw=randread --bs=64k --iodepth=16 \
 		--size="$size" --output-format=terse >/dev/null 2>&1 || die "read pass on $kind failed"
 

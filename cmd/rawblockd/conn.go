@@ -142,6 +142,9 @@ type session struct {
 	// units); the reader and the workers update it.
 	slow  atomic.Int32
 	probe int
+	// inline and dispatched count the requests served each way, for the
+	// log line at the end of the connection.
+	inline, dispatched int64
 }
 
 // job is a request handed to a worker with what it holds.
@@ -153,9 +156,10 @@ type job struct {
 
 // transmit serves requests for ex until the client disconnects. It
 // returns nil after NBD_CMD_DISC or a server shutdown, an error when the
-// connection ended otherwise. Every request it started has finished, and
+// connection ended otherwise, and how many requests the reader served
+// itself and how many went to workers. Every request it started has finished, and
 // its reply has been written (or failed), when it returns.
-func (c *conn) transmit(ex *export) error {
+func (c *conn) transmit(ex *export) (inline, dispatched int64, err error) {
 	se := &session{
 		c:          c,
 		ex:         ex,
@@ -164,11 +168,11 @@ func (c *conn) transmit(ex *export) error {
 		connBudget: newBudget(c.s.cfg.ConnBytes),
 		jobs:       make(chan job, c.s.cfg.ConnRequests),
 	}
-	err := se.serve()
+	err = se.serve()
 	close(se.jobs)
 	se.wg.Wait()
 	se.rw.flush()
-	return err
+	return se.inline, se.dispatched, err
 }
 
 // serve is the reader's loop.
@@ -217,12 +221,14 @@ func (se *session) serve() error {
 				inline = se.probe%probeEvery == 0
 			}
 			if inline {
+				se.inline++
 				if err := se.serveInline(r); err != nil {
 					return err
 				}
 				continue
 			}
 		}
+		se.dispatched++
 		if err := se.dispatch(r); err != nil {
 			return err
 		}

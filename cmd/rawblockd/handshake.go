@@ -116,7 +116,8 @@ func (c *conn) run() {
 	ex.m = c.s.m.export(ex.name)
 	log = log.With("export", ex.name)
 	log.Info("client connected", "size", ex.size, "structured", c.structured, "base_allocation", ex.meta)
-	err = c.transmit(ex)
+	inline, dispatched, err := c.transmit(ex)
+	log = log.With("inline", inline, "dispatched", dispatched)
 	switch {
 	case errors.Is(err, errNoDisc):
 		// Common (nbdfuse, a killed client): nothing was lost that the
