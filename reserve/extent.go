@@ -11,11 +11,7 @@
 // start), like XFS's free-space B+trees; busy extents that a free has
 // returned but that may not be reused until the metadata recording the free
 // is durable (XFS's busy extents); and held windows for speculative
-// preallocation. The by-block index holds the busy extents and held windows
-// too, each tagged with its state, so that one lookup tells what a block
-// is. Both indexes are B+trees of our own (internal/bptree), built for this
-// use: with 100,000 free extents an Alloc or a Free is a handful of tree
-// descents, and their cache misses are its cost.
+// preallocation.
 //
 // All block numbers are absolute device block numbers in engine blocks. The
 // allocator covers [0, total); the engine passes its metadata region as a used

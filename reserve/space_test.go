@@ -433,18 +433,6 @@ func TestWindows(t *testing.T) {
 // the check aimed at it is the one that fires.
 func TestCheckDetectsCorruption(t *testing.T) {
 	// Free space is [40+60].
-	busy := func(s *Space, b busyExtent) {
-		s.byEnd.Insert(posKey(b.End()), mkPos(b.Start, kindBusy))
-		s.busyQueue = append(s.busyQueue, b)
-		s.busyCount++
-		s.busyBlocks += b.Len
-		s.acct.word.Add(uint64(b.Len))
-	}
-	held := func(s *Space, e Extent) {
-		s.byEnd.Insert(posKey(e.End()), mkPos(e.Start, kindHeld))
-		s.heldBlocks += e.Len
-		s.acct.word.Add(uint64(e.Len))
-	}
 	cases := []struct {
 		name    string
 		corrupt func(s *Space)
@@ -455,59 +443,54 @@ func TestCheckDetectsCorruption(t *testing.T) {
 			s.acct.word.Add(10)
 		}, "overlap or touch"},
 		{"size index has another extent", func(s *Space) {
-			s.bySize.Delete(sizeKey(Extent{40, 60}))
-			s.bySize.Insert(sizeKey(Extent{41, 60}), struct{}{})
+			s.bySize.Delete(Extent{40, 60})
+			s.bySize.ReplaceOrInsert(Extent{41, 60})
 		}, "missing from the by-size index"},
-		{"by-block index has another extent", func(s *Space) {
-			c := s.byEnd.Seek(posKey(100))
-			c.SetValue(mkPos(41, kindFree))
-			s.freeBlocks--
-			s.acct.word.Add(^uint64(0))
-		}, "missing from the by-size index"},
-		{"index lengths differ", func(s *Space) { s.bySize.Insert(sizeKey(Extent{5, 1}), struct{}{}) }, "1 free extents by block, 2 by size"},
-		{"size index extent not by block", func(s *Space) {
-			s.bySize.Delete(sizeKey(Extent{40, 60}))
-			s.bySize.Insert(sizeKey(Extent{5, 1}), struct{}{})
-		}, "missing from the by-size index"},
+		{"index lengths differ", func(s *Space) { s.bySize.ReplaceOrInsert(Extent{5, 1}) }, "1 free extents by block, 2 by size"},
 		{"counter off", func(s *Space) {
 			s.freeBlocks++
 			s.acct.word.Add(1)
 		}, "free extents sum to 60 blocks, counter says 61"},
 		{"accounting off", func(s *Space) { s.acct.word.Add(1) }, "accounting has free 61"},
-		{"busy overlaps free", func(s *Space) { busy(s, busyExtent{Extent{45, 10}, 9}) },
-			"free extent [40+60] overlaps busy extent [45+10]"},
+		{"busy overlaps free", func(s *Space) {
+			b := busyExtent{Extent{45, 10}, 9}
+			s.busyByStart.ReplaceOrInsert(b)
+			s.busyQueue = append(s.busyQueue, b)
+			s.busyBlocks += 10
+			s.acct.word.Add(10)
+		}, "free extent [40+60] overlaps busy extent [45+10]"},
 		{"busy missing from queue", func(s *Space) {
-			busy(s, busyExtent{Extent{0, 1}, 9})
-			s.busyQueue = s.busyQueue[:0]
-		}, "1 busy extents by block (count says 1), 0 in the sequence queue"},
-		{"busy count off", func(s *Space) {
-			busy(s, busyExtent{Extent{0, 1}, 9})
-			s.busyCount++
-		}, "1 busy extents by block (count says 2)"},
-		{"queued busy extent not by block", func(s *Space) {
-			busy(s, busyExtent{Extent{0, 1}, 9})
-			s.busyQueue[0].Extent = Extent{1, 1}
-		}, "in the queue but not in the by-block index"},
+			s.busyByStart.ReplaceOrInsert(busyExtent{Extent{0, 1}, 9})
+			s.busyBlocks++
+			s.acct.word.Add(1)
+		}, "1 busy extents by start, 0 in the sequence queue"},
 		{"busy queue out of order", func(s *Space) {
-			busy(s, busyExtent{Extent{0, 1}, 9})
-			busy(s, busyExtent{Extent{1, 1}, 8})
+			for _, b := range []busyExtent{{Extent{0, 1}, 9}, {Extent{1, 1}, 8}} {
+				s.busyByStart.ReplaceOrInsert(b)
+				s.busyQueue = append(s.busyQueue, b)
+				s.busyBlocks++
+				s.acct.word.Add(1)
+			}
 		}, "out of order"},
 		{"busy already committed", func(s *Space) {
 			s.committed, s.anyCommit = 9, true
-			busy(s, busyExtent{Extent{0, 1}, 9})
-		}, "already committed"},
-		{"busy counter off", func(s *Space) {
-			busy(s, busyExtent{Extent{0, 1}, 9})
+			b := busyExtent{Extent{0, 1}, 9}
+			s.busyByStart.ReplaceOrInsert(b)
+			s.busyQueue = append(s.busyQueue, b)
 			s.busyBlocks++
 			s.acct.word.Add(1)
-		}, "busy extents sum to 1 blocks, counter says 2"},
-		{"held overlaps free", func(s *Space) { held(s, Extent{90, 5}) },
-			"free extent [40+60] overlaps held extent [90+5]"},
+		}, "already committed"},
+		{"held overlaps free", func(s *Space) {
+			s.held.ReplaceOrInsert(Extent{90, 10})
+			s.heldBlocks += 10
+			s.acct.word.Add(10)
+		}, "free extent [40+60] overlaps held extent [90+10]"},
 		{"held windows touch", func(s *Space) {
-			held(s, Extent{0, 2})
-			held(s, Extent{2, 2})
+			s.held.ReplaceOrInsert(Extent{0, 2})
+			s.held.ReplaceOrInsert(Extent{2, 2})
+			s.heldBlocks += 4
+			s.acct.word.Add(4)
 		}, "not merged"},
-		{"extent out of range", func(s *Space) { held(s, Extent{-3, 2}) }, "outside [0, 100)"},
 	}
 	for _, c := range cases {
 		s := newSpace(t, 100, Extent{0, 40})
