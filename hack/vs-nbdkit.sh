@@ -41,6 +41,8 @@
 #                   ext4 round trip (default 0). nbdkit's page cache survives
 #                   a restart of nbdkit, rawblockd's cache does not; with 1
 #                   both servers restart cold.
+#   RAWBLOCKD_ENV   environment for rawblockd, e.g. "GOMAXPROCS=1" (default
+#                   none)
 #   RAWBLOCKD       a prebuilt rawblockd (default: go build it)
 set -euo pipefail
 
@@ -60,6 +62,7 @@ size=${SIZE:-512M}
 fs_size=${FS_SIZE:-1G}
 tree_mb=${TREE_MB:-256}
 drop_caches=${DROP_CACHES:-0}
+rawblockd_env=${RAWBLOCKD_ENV:-}
 rawblockd_opts=${RAWBLOCKD_OPTS:---cache 2G}
 rawblockd_fs_opts=${RAWBLOCKD_FS_OPTS:---cache 256M}
 nbdkit_opts=${NBDKIT_OPTS:---threads 16}
@@ -128,7 +131,7 @@ start_server() {
 		[ -z "$first" ] || fmt=(--format --export "fio=$size" --export "fs=$fs_size")
 		[ "$phase" != fs ] || opts=$rawblockd_fs_opts
 		# shellcheck disable=SC2086 # the options are lists
-		"$bin" --device "$dev" --socket "$sock" --log-level warn "${fmt[@]}" $opts >>"$tmp/rawblockd.log" 2>&1 &
+		env $rawblockd_env "$bin" --device "$dev" --socket "$sock" --log-level warn "${fmt[@]}" $opts >>"$tmp/rawblockd.log" 2>&1 &
 		;;
 	nbdkit)
 		# shellcheck disable=SC2086 # NBDKIT_OPTS/NBDKIT_PLUGIN are lists
@@ -269,7 +272,7 @@ cpu=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 echo
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(uname -r), ${cpu:-unknown cpu} ($(nproc) CPUs), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "device: $dev; fio region $size, ${runtime}s per run, $rounds rounds alternating (medians); $(fio --version), $(nbdkit --version)"
-echo "rawblockd $rawblockd_opts (ext4: $rawblockd_fs_opts) | nbdkit $nbdkit_opts file $nbdkit_plugin"
+echo "rawblockd ${rawblockd_env:+$rawblockd_env }$rawblockd_opts (ext4: $rawblockd_fs_opts) | nbdkit $nbdkit_opts file $nbdkit_plugin"
 [ $do_ext4 = 0 ] || echo "ext4 round trip: $fs_size file system, ${files} files / ${tree_mb} MiB copied; page cache dropped at the restart: $([ "$drop_caches" = 1 ] && echo yes || echo no)"
 echo
 python3 - "$tmp" "$rounds" "$do_ext4" <<'PY'
