@@ -127,7 +127,7 @@ say "1. nbdinfo --list: ${#exports[@]} exports with the right sizes"
 # 2. fio randwrite + verify, 4k and 1M, several jobs on disjoint regions.
 fio_verify() {
 	local bs=$1 jobs=$2 region=$3
-	fio --name="verify-$bs" --ioengine=nbd --uri="$(uri fio)" \
+	fio --name="verify-$bs" --ioengine=nbd --verify_state_save=0 --uri="$(uri fio)" \
 		--rw=randwrite --bs="$bs" --iodepth=16 --numjobs="$jobs" \
 		--size="$region" --offset_increment="$region" \
 		--verify=crc32c --do_verify=1 --verify_fatal=1 \
@@ -229,12 +229,12 @@ EOF
 fi
 
 # 5. kill -9 in the middle of a fio write+verify run.
-crash_job=(--ioengine=nbd --uri="$(uri crash)" --bs=64k --iodepth=8 --verify=crc32c --verify_fatal=1 --randrepeat=1)
+crash_job=(--ioengine=nbd --verify_state_save=0 --uri="$(uri crash)" --bs=64k --iodepth=8 --verify=crc32c --verify_fatal=1 --randrepeat=1)
 # Region A [0, 32M): written and flushed (fio's end_fsync is NBD_CMD_FLUSH).
 fio --name=flushed "${crash_job[@]}" --rw=randwrite --size=32M --end_fsync=1 --do_verify=0 \
 	>"$work/fio-a.out" 2>&1 || { cat "$work/fio-a.out" >&2; die "fio write of the flushed region failed"; }
 # Region B [32M, 128M): a write+verify run, killed with rawblockd.
-fio --name=killed --ioengine=nbd --uri="$(uri crash)" --bs=4k --iodepth=16 --rw=randwrite \
+fio --name=killed --ioengine=nbd --verify_state_save=0 --uri="$(uri crash)" --bs=4k --iodepth=16 --rw=randwrite \
 	--offset=32M --size=96M --verify=crc32c --time_based --runtime=60 >"$work/fio-b.out" 2>&1 &
 fiopid=$!
 sleep 2
@@ -245,7 +245,7 @@ start_daemon
 fio --name=flushed "${crash_job[@]}" --rw=randwrite --size=32M --verify_only \
 	>"$work/fio-v.out" 2>&1 || { cat "$work/fio-v.out" >&2; die "flushed data damaged by kill -9"; }
 # The killed region is readable and writable again.
-fio --name=after --ioengine=nbd --uri="$(uri crash)" --bs=1M --iodepth=4 --rw=write \
+fio --name=after --ioengine=nbd --verify_state_save=0 --uri="$(uri crash)" --bs=1M --iodepth=4 --rw=write \
 	--offset=32M --size=96M --verify=crc32c --verify_fatal=1 >"$work/fio-c.out" 2>&1 ||
 	{ cat "$work/fio-c.out" >&2; die "write+verify after the crash failed"; }
 say "5. kill -9 mid fio run: flushed data intact after restart; the export works"
