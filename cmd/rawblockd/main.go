@@ -16,16 +16,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/rawblock/rawblock/internal/bytesize"
 	"io"
 	"io/fs"
 	"log/slog"
-	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -438,55 +437,12 @@ func (c *removeCmd) Run(env *appEnv) error {
 	return nil
 }
 
-// byteSize is a size given as "4096", "4k", "1M", "1G", "2T" (powers of
-// 1024); kong parses flags of this type through UnmarshalText.
-type byteSize int64
+// byteSize and parseSize are the command line's sizes: see internal/bytesize.
+type byteSize = bytesize.Size
 
-var errBadSize = errors.New("bad size")
+var errBadSize = bytesize.ErrBad
 
-// parseSize parses a size such as "512", "4k", "4KiB", "1M", "1g".
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	i := 0
-	for i < len(t) && t[i] >= '0' && t[i] <= '9' {
-		i++
-	}
-	if i == 0 {
-		return 0, fmt.Errorf("%w %q: want a decimal number with an optional k, M, G or T suffix", errBadSize, s)
-	}
-	n, err := strconv.ParseInt(t[:i], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("%w %q: %w", errBadSize, s, err)
-	}
-	var shift uint
-	switch strings.ToLower(t[i:]) {
-	case "", "b":
-	case "k", "kb", "ki", "kib":
-		shift = 10
-	case "m", "mb", "mi", "mib":
-		shift = 20
-	case "g", "gb", "gi", "gib":
-		shift = 30
-	case "t", "tb", "ti", "tib":
-		shift = 40
-	default:
-		return 0, fmt.Errorf("%w %q: unknown suffix %q (use k, M, G or T)", errBadSize, s, t[i:])
-	}
-	if n > math.MaxInt64>>shift {
-		return 0, fmt.Errorf("%w %q: too large", errBadSize, s)
-	}
-	return n << shift, nil
-}
-
-// UnmarshalText implements encoding.TextUnmarshaler.
-func (b *byteSize) UnmarshalText(text []byte) error {
-	n, err := parseSize(string(text))
-	if err != nil {
-		return err
-	}
-	*b = byteSize(n)
-	return nil
-}
+func parseSize(s string) (int64, error) { return bytesize.Parse(s) }
 
 // execute parses args and runs the chosen command.
 func execute(env *appEnv, args []string, exit func(int)) error {
