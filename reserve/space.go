@@ -5,23 +5,46 @@ import (
 	"slices"
 	"sync"
 
-	"github.com/google/btree"
+	"github.com/tidwall/btree"
 )
 
-// btreeDegree is the B-tree degree for every index here. Nodes hold up to
-// 2*degree-1 extents of 16 bytes. Measured with
-// BenchmarkAllocFree100kFreeExtents: 32, 48, 64 and 128 within noise of each
-// other in wall time, 16 clearly slower (deeper trees). Counted under
-// cachegrind (1 MiB last-level cache, one Alloc+Free+Commit): degree 16
-// runs 16.5k instructions with 44 last-level misses, 32 runs 15.8k with
-// 47, 48 and 64 run 15.2k with 60 and 67.
+// btreeDegree is the B-tree degree for every index here: nodes hold up to
+// 2*degree-1 items (16 bytes each by block, 8 by size). On 100k free
+// extents a descent to a leaf that is not in the cache costs about 100 ns
+// whatever the degree, as misses dominate; 32 to 128 measured within noise
+// of each other in BenchmarkAllocFree100kFreeExtents, 16 slower (deeper
+// trees).
+const btreeDegree = 64
+
+// The indexes are github.com/tidwall/btree Maps with integer keys, which
+// compare with < inside the library's binary search. github.com/google/btree
+// (used before) calls the less function through a closure inside
+// sort.Search, two indirect calls per comparison: on 100k free extents its
+// searches were over half of the allocator's time, and with the same number
+// of descents the integer keys took Alloc from 1.3-1.4 to about 1.0 us.
 //
-// The indexes stay on github.com/google/btree: github.com/tidwall/btree
-// (values, path hints, one Seek+Prev for both best-fit candidates) measured
-// 17.8k instructions and 61 misses on the same cycle; in wall time it was
-// level at best and up to a third slower on random goals, and gained only
-// on the append pattern, where the path hints hit.
-const btreeDegree = 32
+// The by-size index of the short free extents packs (Len, Start) into one
+// uint64, Len in the top 16 bits and Start in the low 48 (block numbers are
+// below MaxTotal = 2^48). Free extents of shortLen blocks or more, rare on a
+// fragmented device and few on any device, are in a second tree ordered by
+// (Len, Start) with a comparison function; every long extent sorts after
+// every short one.
+const (
+	startBits = 48
+	startMask = 1<<startBits - 1
+	shortLen  = 1 << (64 - startBits)
+)
+
+// busyTag marks a busy extent's entry in the by-block index (its value is
+// Start|busyTag; starts are below 2^48).
+const busyTag = 1 << 62
+
+// sizeKey is the by-size key of a free extent shorter than shortLen.
+func sizeKey(e Extent) uint64 { return uint64(e.Len)<<startBits | uint64(e.Start) }
+
+func sizeExtent(k uint64) Extent {
+	return Extent{Start: int64(k & startMask), Len: int64(k >> startBits)}
+}
 
 // busyExtent is a freed extent that must not be reused until the metadata
 // that frees it (journal sequence seq) is durable.
@@ -30,15 +53,9 @@ type busyExtent struct {
 	seq uint64
 }
 
-func lessStart(a, b Extent) bool { return a.Start < b.Start }
-
-func lessEnd(a, b Extent) bool { return a.End() < b.End() }
-
 func lessSize(a, b Extent) bool {
 	return a.Len < b.Len || a.Len == b.Len && a.Start < b.Start
 }
-
-func lessBusyStart(a, b busyExtent) bool { return a.Start < b.Start }
 
 // Space is the allocator plus its Accountant. Every block of [0, Total) is in
 // exactly one state:
@@ -65,32 +82,47 @@ type Space struct {
 
 	// Allocatable free extents, indexed twice like XFS's bnobt and cntbt:
 	// byEnd by block number, for neighbours (coalescing, goal lookups,
-	// overlap checks), and bySize by (Len, Start) for best fit. Both hold
-	// exactly the same extents, which are fully coalesced (no two touch).
+	// overlap checks), and bySize+byLong by (Len, Start) for best fit. The
+	// two hold exactly the same extents, which are fully coalesced (no two
+	// touch).
 	//
-	// The block-number index is ordered by End rather than Start: for
-	// disjoint extents the two orders are the same, but an extent that
-	// loses blocks at its start (the usual allocation) or grows at its
-	// start (coalescing with a freed extent on its left) keeps its key, and
-	// is updated with one in-place replace instead of a delete and an
-	// insert. On 100k free extents each B-tree operation costs a few hundred
-	// nanoseconds, so the number of them is the cost of Alloc and Free.
-	byEnd      *btree.BTreeG[Extent]
-	bySize     *btree.BTreeG[Extent]
+	// byEnd maps each free extent's End to its Start. For disjoint extents
+	// the order by End is the order by Start, but an extent that loses
+	// blocks at its start (the usual allocation) or grows at its start
+	// (coalescing with a freed extent on its left) keeps its key and is
+	// updated in place with one descent instead of a delete and an insert.
+	// Each B-tree operation costs on the order of 100 ns on 100k extents
+	// (mostly cache misses), so their number is the cost of Alloc and Free.
+	byEnd      *btree.Map[int64, int64]
+	bySize     *btree.Map[uint64, struct{}] // sizeKey of extents < shortLen
+	byLong     *btree.BTreeG[Extent]        // extents >= longLen, lessSize
 	freeBlocks int64
 
-	// Busy extents, by start for overlap checks, and in busyQueue[busyHead:]
-	// ordered by sequence so that Commit pops the ones that became reusable
-	// from the front. Frees arrive in sequence order as the journal is
-	// written, so adding one is nearly always an append; an out-of-order
-	// sequence is inserted in place.
-	busyByStart *btree.BTreeG[busyExtent]
-	busyQueue   []busyExtent
-	busyHead    int
-	busyBlocks  int64
+	// longLen is where the by-size index switches from bySize to byLong:
+	// shortLen, or less in tests so that byLong is exercised on small
+	// spaces.
+	longLen int64
 
-	// Held windows by start, coalesced like the free extents.
-	held       *btree.BTreeG[Extent]
+	// Iterators kept between calls so that their path stacks are not
+	// allocated again on every lookup. Only used under mu; every use
+	// starts with a Seek.
+	endIt  btree.MapIter[int64, int64]
+	sizeIt btree.MapIter[uint64, struct{}]
+
+	// Busy extents are in byEnd too, tagged with busyTag: the overlap
+	// check of Free is then one lookup for free and busy blocks both, the
+	// busy extent's entry is already in place when Commit makes it free,
+	// and Commit finds its neighbours with the same descent.
+	// busyQueue[busyHead:] holds them ordered by sequence so that Commit
+	// pops the ones that became reusable from the front. Frees arrive in
+	// sequence order as the journal is written, so adding one is nearly
+	// always an append; an out-of-order sequence is inserted in place.
+	busyQueue  []busyExtent
+	busyHead   int
+	busyBlocks int64
+
+	// Held windows, Start to Len, coalesced like the free extents.
+	held       *btree.Map[int64, int64]
 	heldBlocks int64
 
 	// committed is the highest sequence passed to Commit (valid once
@@ -124,6 +156,15 @@ type Stats struct {
 // order and may touch; zero-length ones are ignored. One that is out of
 // range or overlaps another is an ErrInvalid error naming both.
 func NewSpace(total int64, used []Extent) (*Space, error) {
+	return newSpaceLong(total, used, shortLen)
+}
+
+// newSpaceLong is NewSpace with the length from which free extents go into
+// byLong instead of bySize (at most shortLen).
+func newSpaceLong(total int64, used []Extent, longLen int64) (*Space, error) {
+	if longLen < 1 || longLen > shortLen {
+		panic(fmt.Sprintf("reserve: long extent threshold %d outside [1, %d]", longLen, shortLen))
+	}
 	if total < 0 || total > MaxTotal {
 		return nil, fmt.Errorf("%w: total %d blocks outside [0, %d]", ErrInvalid, total, int64(MaxTotal))
 	}
@@ -153,13 +194,16 @@ func NewSpace(total int64, used []Extent) (*Space, error) {
 		}
 	}
 	s := &Space{
-		total:       total,
-		maxExtent:   DefaultMaxExtent,
-		byEnd:       btree.NewG(btreeDegree, lessEnd),
-		bySize:      btree.NewG(btreeDegree, lessSize),
-		busyByStart: btree.NewG(btreeDegree, lessBusyStart),
-		held:        btree.NewG(btreeDegree, lessStart),
+		total:     total,
+		maxExtent: DefaultMaxExtent,
+		byEnd:     btree.NewMap[int64, int64](btreeDegree),
+		bySize:    btree.NewMap[uint64, struct{}](btreeDegree),
+		byLong:    btree.NewBTreeGOptions(lessSize, btree.Options{Degree: btreeDegree, NoLocks: true}),
+		longLen:   longLen,
+		held:      btree.NewMap[int64, int64](btreeDegree),
 	}
+	s.endIt = s.byEnd.Iter()
+	s.sizeIt = s.bySize.Iter()
 	var pos, usedBlocks int64
 	for _, e := range sorted {
 		if e.Start > pos {
@@ -288,7 +332,7 @@ func (s *Space) pick(rem, goal int64) (piece, from Extent) {
 	if f, ok := s.bestFit(rem, goal); ok {
 		return Extent{Start: placement(f, rem, goal), Len: n}, f
 	}
-	m, ok := s.bySize.Max()
+	m, ok := s.maxFree()
 	if !ok {
 		panic("reserve: pick: no free extent although free blocks are counted")
 	}
@@ -304,26 +348,82 @@ func (s *Space) pick(rem, goal int64) (piece, from Extent) {
 	return Extent{Start: f.Start, Len: n}, f
 }
 
-// containing returns the free extent that contains block x: the first one
-// ending after x, if it starts at or before x.
+// containing returns the free extent that contains block x: the first
+// extent in byEnd ending after x, if it starts at or before x and is not
+// busy.
 func (s *Space) containing(x int64) (Extent, bool) {
-	f, ok := ceil(s.byEnd, Extent{Start: x + 1})
-	return f, ok && f.Start <= x
+	it := &s.endIt
+	if !it.Seek(x + 1) {
+		return Extent{}, false
+	}
+	f, busy := endEntry(it)
+	return f, !busy && f.Start <= x
+}
+
+// endEntry returns the extent at it in byEnd and whether it is busy.
+func endEntry(it *btree.MapIter[int64, int64]) (e Extent, busy bool) {
+	v := it.Value()
+	start := v &^ busyTag
+	return Extent{Start: start, Len: it.Key() - start}, v&busyTag != 0
+}
+
+// maxFree returns the free extent that is last in (Len, Start) order.
+func (s *Space) maxFree() (Extent, bool) {
+	if m, ok := s.byLong.Max(); ok {
+		return m, true
+	}
+	k, _, ok := s.bySize.Max()
+	return sizeExtent(k), ok
+}
+
+// around returns the two free extents on either side of (l, goal) in
+// (Len, Start) order: lo, the last one of length exactly l starting at or
+// before goal, and hi, the first one after (l, goal), of any length. For
+// short lengths one descent of the packed index finds both.
+func (s *Space) around(l, goal int64) (lo Extent, okLo bool, hi Extent, okHi bool) {
+	if l >= s.longLen {
+		s.byLong.Descend(Extent{Start: goal, Len: l}, func(x Extent) bool {
+			lo, okLo = x, x.Len == l
+			return false
+		})
+		s.byLong.Ascend(Extent{Start: goal + 1, Len: l}, func(x Extent) bool {
+			hi, okHi = x, true
+			return false
+		})
+		return lo, okLo, hi, okHi
+	}
+	it := &s.sizeIt
+	var more bool
+	// goal+1 reaches 2^48 only for goal == MaxTotal; the carry into the
+	// length field makes the key (l+1, 0), still the right bound, unless
+	// it overflows: then nothing short is above (l, goal).
+	if l < shortLen-1 || goal+1 < 1<<startBits {
+		if it.Seek(uint64(l)<<startBits + uint64(goal+1)) {
+			hi, okHi = sizeExtent(it.Key()), true
+			more = it.Prev()
+		} else {
+			more = it.Last()
+		}
+	} else {
+		more = it.Last()
+	}
+	if more {
+		lo = sizeExtent(it.Key())
+		okLo = lo.Len == l
+	}
+	if !okHi {
+		hi, okHi = s.byLong.Min()
+	}
+	return lo, okLo, hi, okHi
 }
 
 // bestFit returns the shortest free extent of at least rem blocks, nearest
 // goal among those of its length (see nearest), or false if none is long
-// enough. Usually extents of exactly rem blocks exist and two lookups
-// settle it: the last one of length rem starting at or before goal and the
-// first one starting after goal.
+// enough. Usually extents of exactly rem blocks exist and one lookup
+// settles it: the last one of length rem starting at or before goal and the
+// first one starting after goal are neighbours in the by-size index.
 func (s *Space) bestFit(rem, goal int64) (Extent, bool) {
-	hi, okHi := ceil(s.bySize, Extent{Start: goal + 1, Len: rem})
-	var lo Extent
-	okLo := false
-	if goal >= 0 {
-		lo, okLo = floor(s.bySize, Extent{Start: goal, Len: rem})
-		okLo = okLo && lo.Len == rem
-	}
+	lo, okLo, hi, okHi := s.around(rem, goal)
 	if !okLo && (!okHi || hi.Len != rem) {
 		// No extent of exactly rem blocks, so hi (if any) is the extent of
 		// the next length up with the lowest start.
@@ -348,9 +448,7 @@ func (s *Space) bestFit(rem, goal int64) (Extent, bool) {
 // after it, so the only candidates are the last extent starting at or before
 // goal and the first starting after it.
 func (s *Space) nearest(l, n, goal int64) Extent {
-	lo, okLo := floor(s.bySize, Extent{Start: goal, Len: l})
-	okLo = okLo && lo.Len == l
-	hi, okHi := ceil(s.bySize, Extent{Start: goal + 1, Len: l})
+	lo, okLo, hi, okHi := s.around(l, goal)
 	okHi = okHi && hi.Len == l
 	switch {
 	case okLo && okHi:
@@ -406,9 +504,10 @@ func (s *Space) Free(e Extent, seq uint64) error {
 		s.insertFree(e)
 		return nil
 	}
-	b := busyExtent{Extent: e, seq: seq}
-	s.busyByStart.ReplaceOrInsert(b)
-	s.enqueueBusy(b)
+	if _, dup := s.byEnd.Set(e.End(), e.Start|busyTag); dup {
+		panic(fmt.Sprintf("reserve: free %v: end already indexed by block", e))
+	}
+	s.enqueueBusy(busyExtent{Extent: e, seq: seq})
 	s.busyBlocks += e.Len
 	return nil
 }
@@ -434,15 +533,18 @@ func (s *Space) enqueueBusy(b busyExtent) {
 // if any block of e is allocatable, busy or held. The extents of each index
 // are disjoint and sorted, so one lookup per index finds the only candidate.
 func (s *Space) checkAllocated(op string, e Extent) error {
-	// The first free extent ending after e.Start overlaps e if any does.
-	if f, ok := ceil(s.byEnd, Extent{Start: e.Start + 1}); ok && f.Start < e.End() {
-		return fmt.Errorf("%w: %s %v: overlaps free extent %v (double free?)", ErrInvalid, op, e, f)
+	// The first free or busy extent ending after e.Start overlaps e if any
+	// does.
+	if it := &s.endIt; it.Seek(e.Start + 1) {
+		if f, busy := endEntry(it); f.Start < e.End() {
+			if busy {
+				return fmt.Errorf("%w: %s %v: overlaps extent %v already freed at sequence %d (double free?)", ErrInvalid, op, e, f, s.busySeq(f))
+			}
+			return fmt.Errorf("%w: %s %v: overlaps free extent %v (double free?)", ErrInvalid, op, e, f)
+		}
 	}
-	if b, ok := floor(s.busyByStart, busyExtent{Extent: Extent{Start: e.End() - 1}}); ok && b.End() > e.Start {
-		return fmt.Errorf("%w: %s %v: overlaps extent %v already freed at sequence %d (double free?)", ErrInvalid, op, e, b.Extent, b.seq)
-	}
-	if h, ok := floor(s.held, Extent{Start: e.End() - 1}); ok && h.End() > e.Start {
-		return fmt.Errorf("%w: %s %v: overlaps held window %v", ErrInvalid, op, e, h)
+	if start, n, ok := floor(s.held, e.End()-1); ok && start+n > e.Start {
+		return fmt.Errorf("%w: %s %v: overlaps held window %v", ErrInvalid, op, e, Extent{start, n})
 	}
 	return nil
 }
@@ -463,24 +565,9 @@ func (s *Space) Commit(seq uint64) {
 	for n < len(q) && q[n].seq <= seq {
 		n++
 	}
-	// A commit usually releases every busy extent (the engine commits
-	// everything freed since the previous checkpoint). Then the by-start
-	// index is emptied at once instead of with one descent per extent
-	// (on 100k free extents, 5% of the instructions of an Alloc, Free and
-	// Commit). Every queued extent is in the index (Check verifies it), so
-	// equal counts mean the same extents.
-	all := n > 0 && n == s.busyByStart.Len()
-	if all {
-		s.busyByStart.Clear(true)
-	}
 	for _, b := range q[:n] {
-		if !all {
-			if _, ok := s.busyByStart.Delete(b); !ok {
-				panic(fmt.Sprintf("reserve: commit: busy extent %v (seq %d) missing from the by-start index", b.Extent, b.seq))
-			}
-		}
 		s.busyBlocks -= b.Len
-		s.insertFree(b.Extent)
+		s.release(b)
 	}
 	s.busyHead += n
 	// Reuse the queue's space once the popped front dominates it.
@@ -563,7 +650,8 @@ func (s *Space) Unhold(e Extent) error {
 }
 
 func (s *Space) heldContaining(op string, e Extent) (Extent, error) {
-	w, ok := floor(s.held, Extent{Start: e.Start})
+	start, n, ok := floor(s.held, e.Start)
+	w := Extent{Start: start, Len: n}
 	if !ok || !w.contains(e) {
 		if ok && w.overlaps(e) {
 			return Extent{}, fmt.Errorf("%w: %s %v: not inside one held window (overlaps %v)", ErrInvalid, op, e, w)
@@ -575,14 +663,14 @@ func (s *Space) heldContaining(op string, e Extent) (Extent, error) {
 
 // cutHeld removes e from the held window w that contains it.
 func (s *Space) cutHeld(w, e Extent) {
-	if _, ok := s.held.Delete(w); !ok {
+	if _, ok := s.held.Delete(w.Start); !ok {
 		panic(fmt.Sprintf("reserve: held window %v missing", w))
 	}
 	if e.Start > w.Start {
-		s.held.ReplaceOrInsert(Extent{Start: w.Start, Len: e.Start - w.Start})
+		s.held.Set(w.Start, e.Start-w.Start)
 	}
 	if e.End() < w.End() {
-		s.held.ReplaceOrInsert(Extent{Start: e.End(), Len: w.End() - e.End()})
+		s.held.Set(e.End(), w.End()-e.End())
 	}
 	s.heldBlocks -= e.Len
 }
@@ -590,46 +678,82 @@ func (s *Space) cutHeld(w, e Extent) {
 // insertHeld adds e to the held windows, merging with touching ones.
 func (s *Space) insertHeld(e Extent) {
 	s.heldBlocks += e.Len
-	if p, ok := floor(s.held, Extent{Start: e.Start}); ok {
+	if start, n, ok := floor(s.held, e.Start); ok {
+		p := Extent{Start: start, Len: n}
 		if p.End() > e.Start {
 			panic(fmt.Sprintf("reserve: hold %v: overlaps held window %v", e, p))
 		}
 		if p.End() == e.Start {
-			s.held.Delete(p)
+			s.held.Delete(p.Start)
 			e = Extent{Start: p.Start, Len: p.Len + e.Len}
 		}
 	}
-	if n, ok := ceil(s.held, Extent{Start: e.Start}); ok {
-		if n.Start < e.End() {
-			panic(fmt.Sprintf("reserve: hold %v: overlaps held window %v", e, n))
+	if start, n, ok := ceil(s.held, e.Start); ok {
+		if start < e.End() {
+			panic(fmt.Sprintf("reserve: hold %v: overlaps held window %v", e, Extent{start, n}))
 		}
-		if n.Start == e.End() {
-			s.held.Delete(n)
-			e.Len += n.Len
+		if start == e.End() {
+			s.held.Delete(start)
+			e.Len += n
 		}
 	}
-	s.held.ReplaceOrInsert(e)
+	s.held.Set(e.Start, e.Len)
 }
 
 // addFree inserts e into both free indexes without coalescing.
 func (s *Space) addFree(e Extent) {
-	if _, dup := s.byEnd.ReplaceOrInsert(e); dup {
+	if _, dup := s.byEnd.Set(e.End(), e.Start); dup {
 		panic(fmt.Sprintf("reserve: free extent %v already indexed by block", e))
 	}
-	if _, dup := s.bySize.ReplaceOrInsert(e); dup {
-		panic(fmt.Sprintf("reserve: free extent %v already indexed by size", e))
-	}
+	s.addSize(e)
 	s.freeBlocks += e.Len
 }
 
-// deleteFree removes e from both free indexes.
-func (s *Space) deleteFree(e Extent) {
-	if _, ok := s.byEnd.Delete(e); !ok {
-		panic(fmt.Sprintf("reserve: free extent %v missing from the by-block index", e))
+// addSize inserts e into the by-size index.
+func (s *Space) addSize(e Extent) {
+	var dup bool
+	if e.Len < s.longLen {
+		_, dup = s.bySize.Set(sizeKey(e), struct{}{})
+	} else {
+		_, dup = s.byLong.Set(e)
 	}
-	if _, ok := s.bySize.Delete(e); !ok {
+	if dup {
+		panic(fmt.Sprintf("reserve: free extent %v already indexed by size", e))
+	}
+}
+
+// deleteSize removes e from the by-size index.
+func (s *Space) deleteSize(e Extent) {
+	var ok bool
+	if e.Len < s.longLen {
+		_, ok = s.bySize.Delete(sizeKey(e))
+	} else {
+		_, ok = s.byLong.Delete(e)
+	}
+	if !ok {
 		panic(fmt.Sprintf("reserve: free extent %v missing from the by-size index", e))
 	}
+}
+
+// hasSize reports whether e is in the by-size index.
+func (s *Space) hasSize(e Extent) bool {
+	if e.Len < s.longLen {
+		_, ok := s.bySize.Get(sizeKey(e))
+		return ok
+	}
+	_, ok := s.byLong.Get(e)
+	return ok
+}
+
+// sizeLen is the number of extents in the by-size index.
+func (s *Space) sizeLen() int { return s.bySize.Len() + s.byLong.Len() }
+
+// deleteFree removes e from both free indexes.
+func (s *Space) deleteFree(e Extent) {
+	if start, ok := s.byEnd.Delete(e.End()); !ok || start != e.Start {
+		panic(fmt.Sprintf("reserve: free extent %v missing from the by-block index", e))
+	}
+	s.deleteSize(e)
 	s.freeBlocks -= e.Len
 }
 
@@ -637,46 +761,99 @@ func (s *Space) deleteFree(e Extent) {
 // same block the by-block index is updated in place.
 func (s *Space) replaceFree(old, nu Extent) {
 	if old.End() == nu.End() {
-		if prev, ok := s.byEnd.ReplaceOrInsert(nu); !ok || prev != old {
-			panic(fmt.Sprintf("reserve: replace free extent %v by %v: found %v in the by-block index", old, nu, prev))
+		if prev, ok := s.byEnd.Set(nu.End(), nu.Start); !ok || prev != old.Start {
+			panic(fmt.Sprintf("reserve: replace free extent %v by %v: found start %d in the by-block index", old, nu, prev))
 		}
 	} else {
-		if _, ok := s.byEnd.Delete(old); !ok {
+		if start, ok := s.byEnd.Delete(old.End()); !ok || start != old.Start {
 			panic(fmt.Sprintf("reserve: free extent %v missing from the by-block index", old))
 		}
-		if _, dup := s.byEnd.ReplaceOrInsert(nu); dup {
+		if _, dup := s.byEnd.Set(nu.End(), nu.Start); dup {
 			panic(fmt.Sprintf("reserve: free extent %v already indexed by block", nu))
 		}
 	}
-	if _, ok := s.bySize.Delete(old); !ok {
-		panic(fmt.Sprintf("reserve: free extent %v missing from the by-size index", old))
-	}
-	if _, dup := s.bySize.ReplaceOrInsert(nu); dup {
-		panic(fmt.Sprintf("reserve: free extent %v already indexed by size", nu))
-	}
+	s.deleteSize(old)
+	s.addSize(nu)
 	s.freeBlocks += nu.Len - old.Len
+}
+
+// busySeq returns the sequence at which busy extent b was freed (for error
+// messages: it walks the queue).
+func (s *Space) busySeq(b Extent) uint64 {
+	for _, q := range s.busyQueue[s.busyHead:] {
+		if q.Extent == b {
+			return q.seq
+		}
+	}
+	panic(fmt.Sprintf("reserve: busy extent %v missing from the sequence queue", b))
+}
+
+// neighbours returns the free extents that end exactly at e.Start (left)
+// and start exactly at e.End() (right), if any, with one descent of byEnd:
+// the first extent ending at or after e.Start, and the next one. If
+// e is busy it is in byEnd, between the two. Busy neighbours do not
+// count: they are not free yet.
+func (s *Space) neighbours(e Extent, isBusy bool) (left Extent, hasLeft bool, right Extent, hasRight bool) {
+	it := &s.endIt
+	ok := it.Seek(e.Start)
+	if ok && it.Key() == e.Start {
+		x, busy := endEntry(it)
+		left, hasLeft = x, !busy
+		ok = it.Next()
+	}
+	if isBusy {
+		if x, busy := endEntry(it); !ok || !busy || x != e {
+			panic(fmt.Sprintf("reserve: busy extent %v missing from the by-block index", e))
+		}
+		ok = it.Next()
+	}
+	if ok {
+		x, busy := endEntry(it)
+		if x.Start < e.End() {
+			panic(fmt.Sprintf("reserve: insert free %v: overlaps extent %v", e, x))
+		}
+		right, hasRight = x, !busy && x.Start == e.End()
+	}
+	return left, hasLeft, right, hasRight
+}
+
+// release turns busy extent b into a free one, coalescing it with the free
+// extents it touches. Its entry in byEnd is already there, tagged: it
+// becomes the merged extent's entry where the end allows.
+func (s *Space) release(b busyExtent) {
+	e := b.Extent
+	left, hasLeft, right, hasRight := s.neighbours(e, true)
+	if hasRight {
+		if start, ok := s.byEnd.Delete(e.End()); !ok || start != e.Start|busyTag {
+			panic(fmt.Sprintf("reserve: busy extent %v missing from the by-block index", e))
+		}
+		if hasLeft {
+			s.deleteFree(left)
+			e = Extent{Start: left.Start, Len: e.Len + left.Len}
+		}
+		s.replaceFree(right, Extent{Start: e.Start, Len: right.End() - e.Start})
+		return
+	}
+	nu := e
+	if hasLeft {
+		if start, ok := s.byEnd.Delete(left.End()); !ok || start != left.Start {
+			panic(fmt.Sprintf("reserve: free extent %v missing from the by-block index", left))
+		}
+		s.deleteSize(left)
+		s.freeBlocks -= left.Len
+		nu = Extent{Start: left.Start, Len: left.Len + e.Len}
+	}
+	if prev, ok := s.byEnd.Set(nu.End(), nu.Start); !ok || prev != e.Start|busyTag {
+		panic(fmt.Sprintf("reserve: busy extent %v missing from the by-block index (found start %#x)", e, prev))
+	}
+	s.addSize(nu)
+	s.freeBlocks += nu.Len
 }
 
 // insertFree adds e to the free extents, coalescing it with the free
 // extents it touches so that no two free extents ever touch.
 func (s *Space) insertFree(e Extent) {
-	// One walk finds both neighbours: the first free extent ending at or
-	// after e.Start is the left neighbour if it ends exactly there, and
-	// the first one ending after e.Start is the right neighbour if it
-	// starts exactly at e.End().
-	var left, right Extent
-	hasLeft, hasRight := false, false
-	s.byEnd.AscendGreaterOrEqual(Extent{Start: e.Start}, func(x Extent) bool {
-		if !hasLeft && x.End() == e.Start {
-			left, hasLeft = x, true
-			return true
-		}
-		if x.Start < e.End() {
-			panic(fmt.Sprintf("reserve: insert free %v: overlaps free extent %v", e, x))
-		}
-		right, hasRight = x, x.Start == e.End()
-		return false
-	})
+	left, hasLeft, right, hasRight := s.neighbours(e, false)
 	switch {
 	case hasLeft && hasRight:
 		s.deleteFree(left)
@@ -721,9 +898,9 @@ func (s *Space) Stats() Stats {
 	st := Stats{
 		Total: c.Total, Free: c.Free, Reserved: c.Reserved, Allocated: c.Allocated,
 		Busy: s.busyBlocks, Held: s.heldBlocks, Allocatable: s.freeBlocks,
-		FreeExtents: s.byEnd.Len(),
+		FreeExtents: s.byEnd.Len() - (len(s.busyQueue) - s.busyHead),
 	}
-	if m, ok := s.bySize.Max(); ok {
+	if m, ok := s.maxFree(); ok {
 		st.LargestFree = m.Len
 	}
 	return st
@@ -735,11 +912,11 @@ func (s *Space) Stats() Stats {
 func (s *Space) LargestFree() Extent {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, ok := s.bySize.Max()
+	m, ok := s.maxFree()
 	if !ok {
 		return Extent{}
 	}
-	f, _ := ceil(s.bySize, Extent{Start: -1, Len: m.Len})
+	_, _, f, _ := s.around(m.Len, -1)
 	return f
 }
 
@@ -749,7 +926,9 @@ func (s *Space) LargestFree() Extent {
 func (s *Space) FreeExtents(fn func(Extent) bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.byEnd.Ascend(btree.ItemIteratorG[Extent](fn))
+	s.byEnd.Scan(func(end, start int64) bool {
+		return start&busyTag != 0 || fn(Extent{Start: start, Len: end - start})
+	})
 }
 
 // Check verifies every invariant of the Space and returns the first broken
@@ -773,86 +952,106 @@ func (s *Space) Check() error {
 		return fmt.Errorf("reserve: %d allocatable + %d busy + %d held = %d, but accounting has free %d + reserved %d = %d",
 			s.freeBlocks, s.busyBlocks, s.heldBlocks, phys, c.Free, c.Reserved, c.Free+c.Reserved)
 	}
-	if s.byEnd.Len() != s.bySize.Len() {
-		return fmt.Errorf("reserve: %d free extents by block, %d by size", s.byEnd.Len(), s.bySize.Len())
-	}
-
 	type tagged struct {
 		Extent
 		kind string
 	}
-	all := make([]tagged, 0, s.byEnd.Len()+s.busyByStart.Len()+s.held.Len())
+	all := make([]tagged, 0, s.byEnd.Len()+s.held.Len())
 	var err error
 	fail := func(format string, args ...any) bool {
 		err = fmt.Errorf("reserve: "+format, args...)
 		return false
 	}
 
-	var sum int64
-	prev := Extent{Start: -2}
-	s.byEnd.Ascend(func(e Extent) bool {
+	// byEnd holds the free and the busy extents. Overlaps between kinds are
+	// left to the sorted walk at the end, which names both kinds.
+	var sum, busySum int64
+	nBusy := 0
+	prev, prevFree := Extent{Start: -2}, false
+	s.byEnd.Scan(func(end, v int64) bool {
+		start := v &^ busyTag
+		e := Extent{Start: start, Len: end - start}
+		busy := v&busyTag != 0
+		kind := "free"
+		if busy {
+			kind = "busy"
+		}
 		switch {
+		case v&^(busyTag|startMask) != 0:
+			return fail("by-block entry %d -> %#x: stray bits", end, v)
 		case e.Len <= 0 || e.Start < 0 || e.End() > s.total:
-			return fail("free extent %v: empty or outside [0, %d)", e, s.total)
-		case e.Start <= prev.End():
+			return fail("%s extent %v: empty or outside [0, %d)", kind, e, s.total)
+		case !busy && prevFree && e.Start <= prev.End():
 			return fail("free extents %v and %v overlap or touch (not coalesced)", prev, e)
-		case !s.bySize.Has(e):
+		case !busy && !s.hasSize(e):
 			return fail("free extent %v missing from the by-size index", e)
 		}
-		prev, sum = e, sum+e.Len
-		all = append(all, tagged{e, "free"})
+		if busy {
+			nBusy++
+			busySum += e.Len
+		} else {
+			sum += e.Len
+		}
+		prev, prevFree = e, !busy
+		all = append(all, tagged{e, kind})
 		return true
 	})
 	if err != nil {
 		return err
+	}
+	queue := s.busyQueue[s.busyHead:]
+	if nBusy != len(queue) {
+		return fmt.Errorf("reserve: %d busy extents by block, %d in the sequence queue", nBusy, len(queue))
+	}
+	if nFree := s.byEnd.Len() - nBusy; nFree != s.sizeLen() {
+		return fmt.Errorf("reserve: %d free extents by block, %d by size", nFree, s.sizeLen())
 	}
 	if sum != s.freeBlocks {
 		return fmt.Errorf("reserve: free extents sum to %d blocks, counter says %d", sum, s.freeBlocks)
 	}
-	s.bySize.Ascend(func(e Extent) bool {
-		if got, ok := s.byEnd.Get(e); !ok || got != e {
+	if busySum != s.busyBlocks {
+		return fmt.Errorf("reserve: busy extents sum to %d blocks, counter says %d", busySum, s.busyBlocks)
+	}
+	inBlock := func(e Extent) bool {
+		if start, ok := s.byEnd.Get(e.End()); !ok || start != e.Start {
 			return fail("free extent %v missing from the by-block index", e)
 		}
 		return true
+	}
+	s.bySize.Scan(func(k uint64, _ struct{}) bool {
+		if e := sizeExtent(k); e.Len >= s.longLen {
+			return fail("free extent %v in the index of short extents", e)
+		}
+		return inBlock(sizeExtent(k))
 	})
 	if err != nil {
 		return err
 	}
-
-	queue := s.busyQueue[s.busyHead:]
-	if s.busyByStart.Len() != len(queue) {
-		return fmt.Errorf("reserve: %d busy extents by start, %d in the sequence queue", s.busyByStart.Len(), len(queue))
+	s.byLong.Scan(func(e Extent) bool {
+		if e.Len < s.longLen {
+			return fail("free extent %v in the index of long extents", e)
+		}
+		return inBlock(e)
+	})
+	if err != nil {
+		return err
 	}
 	for i, b := range queue {
 		if i > 0 && b.seq < queue[i-1].seq {
 			return fmt.Errorf("reserve: busy queue out of order: %v (seq %d) after %v (seq %d)", b.Extent, b.seq, queue[i-1].Extent, queue[i-1].seq)
 		}
-		if got, ok := s.busyByStart.Get(b); !ok || got != b {
-			return fmt.Errorf("reserve: busy extent %v (seq %d) in the queue but not by start", b.Extent, b.seq)
+		if v, ok := s.byEnd.Get(b.End()); !ok || v != b.Start|busyTag {
+			return fmt.Errorf("reserve: busy extent %v (seq %d) in the queue but not by block", b.Extent, b.seq)
 		}
-	}
-	sum = 0
-	s.busyByStart.Ascend(func(b busyExtent) bool {
-		switch {
-		case b.Len <= 0 || b.Start < 0 || b.End() > s.total:
-			return fail("busy extent %v: empty or outside [0, %d)", b.Extent, s.total)
-		case s.anyCommit && b.seq <= s.committed:
-			return fail("busy extent %v: sequence %d already committed (%d)", b.Extent, b.seq, s.committed)
+		if s.anyCommit && b.seq <= s.committed {
+			return fmt.Errorf("reserve: busy extent %v: sequence %d already committed (%d)", b.Extent, b.seq, s.committed)
 		}
-		sum += b.Len
-		all = append(all, tagged{b.Extent, "busy"})
-		return true
-	})
-	if err != nil {
-		return err
-	}
-	if sum != s.busyBlocks {
-		return fmt.Errorf("reserve: busy extents sum to %d blocks, counter says %d", sum, s.busyBlocks)
 	}
 
 	sum = 0
 	prev = Extent{Start: -2}
-	s.held.Ascend(func(e Extent) bool {
+	s.held.Scan(func(start, n int64) bool {
+		e := Extent{Start: start, Len: n}
 		switch {
 		case e.Len <= 0 || e.Start < 0 || e.End() > s.total:
 			return fail("held window %v: empty or outside [0, %d)", e, s.total)
@@ -888,20 +1087,20 @@ func (s *Space) Check() error {
 	return nil
 }
 
-// floor returns the greatest item <= key.
-func floor[T any](t *btree.BTreeG[T], key T) (item T, ok bool) {
-	t.DescendLessOrEqual(key, func(x T) bool {
-		item, ok = x, true
+// floor returns the greatest key <= key and its value.
+func floor[V any](m *btree.Map[int64, V], key int64) (k int64, v V, ok bool) {
+	m.Descend(key, func(kk int64, vv V) bool {
+		k, v, ok = kk, vv, true
 		return false
 	})
-	return item, ok
+	return k, v, ok
 }
 
-// ceil returns the least item >= key.
-func ceil[T any](t *btree.BTreeG[T], key T) (item T, ok bool) {
-	t.AscendGreaterOrEqual(key, func(x T) bool {
-		item, ok = x, true
+// ceil returns the least key >= key and its value.
+func ceil[V any](m *btree.Map[int64, V], key int64) (k int64, v V, ok bool) {
+	m.Ascend(key, func(kk int64, vv V) bool {
+		k, v, ok = kk, vv, true
 		return false
 	})
-	return item, ok
+	return k, v, ok
 }

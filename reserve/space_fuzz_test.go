@@ -35,7 +35,9 @@ func FuzzSpace(f *testing.F) {
 		used := Extent{Start: next() % total}
 		used.Len = next() % (total - used.Start + 1)
 		m.set(used, mUsed)
-		s, err := NewSpace(total, []Extent{used})
+		// Exercise the by-size tree of long extents too (see
+		// checkSpaceAgainstModel).
+		s, err := newSpaceLong(total, []Extent{used}, []int64{shortLen, 3, 10}[total%3])
 		if err != nil {
 			t.Fatal(err)
 		}

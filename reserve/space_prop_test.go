@@ -277,7 +277,12 @@ func checkSpaceAgainstModel(t *rapid.T, total int64, used []Extent, maxN int64) 
 	for _, e := range used {
 		m.set(e, mUsed)
 	}
-	s, err := NewSpace(total, used)
+	// Free extents from longLen blocks up are indexed by size in the tree
+	// of long extents (shortLen in production, out of reach of these
+	// spaces): a small threshold exercises it and the hand-over between
+	// the two trees.
+	longLen := rapid.SampledFrom([]int64{shortLen, 1, 2, 3, 5, 8, 13}).Draw(t, "longLen")
+	s, err := newSpaceLong(total, used, longLen)
 	if err != nil {
 		t.Fatalf("NewSpace(%d, %v): %v", total, used, err)
 	}

@@ -163,6 +163,61 @@ func TestZeroLengthAndNegative(t *testing.T) {
 	mustCheck(t, s)
 }
 
+// Free extents on both sides of shortLen, where the by-size index hands
+// over from the packed keys to the tree of long extents, and the longest
+// short length at the top of the largest space, where the packed search key
+// for a goal past the end would overflow.
+func TestShortAndLongFreeExtents(t *testing.T) {
+	const L = shortLen
+	// Free: [0+L-1], [L+L], [2L+1+L+1], [3L+3+5L], separated by used blocks.
+	total := int64(8*L + 3)
+	s := newSpace(t, total, Extent{L - 1, 1}, Extent{2 * L, 1}, Extent{3*L + 2, 1})
+	if f := s.LargestFree(); f != (Extent{3*L + 3, 5 * L}) {
+		t.Fatalf("LargestFree = %v", f)
+	}
+	// Best fit across the two trees: each length finds its own extent.
+	for _, c := range []struct {
+		want, goal int64
+		got        Extent
+	}{
+		{L + 1, -1, Extent{2*L + 1, L + 1}},
+		{L - 1, 3 * L, Extent{0, L - 1}},
+		{L, -1, Extent{L, L}},
+		{L + 2, 0, Extent{3*L + 3, L + 2}},
+	} {
+		got := alloc(t, s, c.want, c.goal)
+		if !slices.Equal(got, []Extent{c.got}) {
+			t.Fatalf("Alloc(%d, %d) = %v, want %v", c.want, c.goal, got, c.got)
+		}
+		mustCheck(t, s)
+	}
+	mustFree(t, s, Extent{3*L + 3 + L + 2, 4*L - 2})
+	// Freeing them back coalesces across the threshold.
+	for _, e := range []Extent{{2*L + 1, L + 1}, {0, L - 1}, {L, L}, {3*L + 3, L + 2}} {
+		if err := s.Free(e, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Commit(1)
+	mustCheck(t, s)
+	mustFree(t, s, Extent{0, L - 1}, Extent{L, L}, Extent{2*L + 1, L + 1}, Extent{3*L + 3, 5 * L})
+
+	// The top of the largest space: free extents of L-1 blocks (the
+	// longest short length) and L at the very end, goal past the end.
+	const top = MaxTotal
+	s = newSpace(t, top, Extent{0, top - 3*L}, Extent{top - 2*L - 1, 1}, Extent{top - L - 1, 2})
+	mustFree(t, s, Extent{top - 3*L, L - 1}, Extent{top - 2*L, L - 1}, Extent{top - L + 1, L - 1})
+	got := alloc(t, s, L-1, top)
+	if !slices.Equal(got, []Extent{{top - L + 1, L - 1}}) {
+		t.Fatalf("Alloc(L-1, top) = %v", got)
+	}
+	got = alloc(t, s, L-2, top)
+	if !slices.Equal(got, []Extent{{top - 2*L + 1, L - 2}}) {
+		t.Fatalf("Alloc(L-2, top) = %v", got)
+	}
+	mustCheck(t, s)
+}
+
 // Extents at the very top of the largest supported space.
 func TestMaximumBlockNumber(t *testing.T) {
 	const total = MaxTotal
@@ -443,51 +498,51 @@ func TestCheckDetectsCorruption(t *testing.T) {
 			s.acct.word.Add(10)
 		}, "overlap or touch"},
 		{"size index has another extent", func(s *Space) {
-			s.bySize.Delete(Extent{40, 60})
-			s.bySize.ReplaceOrInsert(Extent{41, 60})
+			s.deleteSize(Extent{40, 60})
+			s.addSize(Extent{41, 60})
 		}, "missing from the by-size index"},
-		{"index lengths differ", func(s *Space) { s.bySize.ReplaceOrInsert(Extent{5, 1}) }, "1 free extents by block, 2 by size"},
+		{"index lengths differ", func(s *Space) { s.addSize(Extent{5, 1}) }, "1 free extents by block, 2 by size"},
 		{"counter off", func(s *Space) {
 			s.freeBlocks++
 			s.acct.word.Add(1)
 		}, "free extents sum to 60 blocks, counter says 61"},
 		{"accounting off", func(s *Space) { s.acct.word.Add(1) }, "accounting has free 61"},
 		{"busy overlaps free", func(s *Space) {
-			b := busyExtent{Extent{45, 10}, 9}
-			s.busyByStart.ReplaceOrInsert(b)
-			s.busyQueue = append(s.busyQueue, b)
-			s.busyBlocks += 10
+			s.addBusy(busyExtent{Extent{45, 10}, 9})
 			s.acct.word.Add(10)
 		}, "free extent [40+60] overlaps busy extent [45+10]"},
 		{"busy missing from queue", func(s *Space) {
-			s.busyByStart.ReplaceOrInsert(busyExtent{Extent{0, 1}, 9})
+			s.byEnd.Set(1, 0|busyTag)
 			s.busyBlocks++
 			s.acct.word.Add(1)
-		}, "1 busy extents by start, 0 in the sequence queue"},
+		}, "1 busy extents by block, 0 in the sequence queue"},
 		{"busy queue out of order", func(s *Space) {
 			for _, b := range []busyExtent{{Extent{0, 1}, 9}, {Extent{1, 1}, 8}} {
-				s.busyByStart.ReplaceOrInsert(b)
-				s.busyQueue = append(s.busyQueue, b)
-				s.busyBlocks++
+				s.addBusy(b)
 				s.acct.word.Add(1)
 			}
 		}, "out of order"},
 		{"busy already committed", func(s *Space) {
 			s.committed, s.anyCommit = 9, true
-			b := busyExtent{Extent{0, 1}, 9}
-			s.busyByStart.ReplaceOrInsert(b)
-			s.busyQueue = append(s.busyQueue, b)
-			s.busyBlocks++
+			s.addBusy(busyExtent{Extent{0, 1}, 9})
 			s.acct.word.Add(1)
 		}, "already committed"},
+		{"busy in queue only", func(s *Space) {
+			s.busyQueue = append(s.busyQueue, busyExtent{Extent{0, 1}, 9})
+			s.busyBlocks++
+			s.acct.word.Add(1)
+		}, "0 busy extents by block, 1 in the sequence queue"},
+		{"extent in the wrong by-size tree", func(s *Space) {
+			s.longLen = 10 // [40+60] now belongs in byLong
+		}, "[40+60] missing from the by-size index"},
 		{"held overlaps free", func(s *Space) {
-			s.held.ReplaceOrInsert(Extent{90, 10})
+			s.held.Set(90, 10)
 			s.heldBlocks += 10
 			s.acct.word.Add(10)
 		}, "free extent [40+60] overlaps held extent [90+10]"},
 		{"held windows touch", func(s *Space) {
-			s.held.ReplaceOrInsert(Extent{0, 2})
-			s.held.ReplaceOrInsert(Extent{2, 2})
+			s.held.Set(0, 2)
+			s.held.Set(2, 2)
 			s.heldBlocks += 4
 			s.acct.word.Add(4)
 		}, "not merged"},
@@ -502,6 +557,13 @@ func TestCheckDetectsCorruption(t *testing.T) {
 			t.Errorf("%s: Check said %q, want it to mention %q", c.name, err, c.want)
 		}
 	}
+}
+
+// addBusy puts b in the busy state as Free does, without its checks.
+func (s *Space) addBusy(b busyExtent) {
+	s.byEnd.Set(b.End(), b.Start|busyTag)
+	s.busyQueue = append(s.busyQueue, b)
+	s.busyBlocks += b.Len
 }
 
 // Concurrent writers reserve and unreserve without the lock while others
