@@ -126,8 +126,8 @@ type Options struct {
 	// and leave the read reserve and some clean frames (see New's error).
 	DirtyLimit int64
 	// Kick, if set, is called (non-blocking, from the caller's goroutine; it
-	// must not block) when dirty bytes cross the background threshold
-	// (DirtyLimit/4) and whenever a writer has to wait, so the engine starts
+	// must not block) when dirty bytes go over the background threshold
+	// (DirtyLimit/2) and whenever a writer has to wait, so the engine starts
 	// writeback.
 	Kick func()
 }

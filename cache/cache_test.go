@@ -804,13 +804,13 @@ func TestAcquireDirty(t *testing.T) {
 	if err := c.AcquireDirty(ctx, -1); err == nil {
 		t.Fatal("negative request accepted")
 	}
-	if err := c.AcquireDirty(ctx, 3); err != nil || kicks.Load() != 0 {
-		t.Fatalf("below the background threshold: %v, %d kicks", err, kicks.Load())
+	if err := c.AcquireDirty(ctx, 8); err != nil || kicks.Load() != 0 {
+		t.Fatalf("up to the background threshold: %v, %d kicks", err, kicks.Load())
 	}
 	if err := c.AcquireDirty(ctx, 1); err != nil || kicks.Load() != 1 {
-		t.Fatalf("crossing the background threshold (4): %v, %d kicks", err, kicks.Load())
+		t.Fatalf("going over the background threshold (8): %v, %d kicks", err, kicks.Load())
 	}
-	if err := c.AcquireDirty(ctx, 12); err != nil || kicks.Load() != 1 || c.DirtyPages() != 16 {
+	if err := c.AcquireDirty(ctx, 7); err != nil || kicks.Load() != 1 || c.DirtyPages() != 16 {
 		t.Fatalf("up to the limit: %v, %d kicks, %d dirty", err, kicks.Load(), c.DirtyPages())
 	}
 	if st := c.Stats(); st.DirtyPages != 16 || st.DirtyBytes != 16*4096 {

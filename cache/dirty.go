@@ -12,7 +12,7 @@ type dirtyState struct {
 	mu    sync.Mutex
 	n     int // pages counted
 	limit int // pages
-	bg    int // background threshold: Kick when n crosses it
+	bg    int // background threshold: Kick when n goes over it
 	queue []*dirtyWaiter
 }
 
@@ -24,7 +24,12 @@ type dirtyWaiter struct {
 
 func (d *dirtyState) init(limit int) {
 	d.limit = limit
-	d.bg = max(1, limit/4)
+	// Half the limit, the ratio of Linux's defaults (dirty_background_ratio
+	// 10, dirty_ratio 20): a working set that is rewritten in place and
+	// fits under it stays in memory until it ages out or is synced, instead
+	// of being written back again and again; a writer faster than the
+	// device still has the other half to go on with while writeback runs.
+	d.bg = max(1, limit/2)
 }
 
 // grantLocked admits queued writers, in order, while they fit.
@@ -62,7 +67,7 @@ func (c *Cache) AcquireDirty(ctx context.Context, n int) error {
 	}
 	d.mu.Lock()
 	if len(d.queue) == 0 && d.n+n <= d.limit {
-		crossed := d.n < d.bg && d.n+n >= d.bg
+		crossed := d.n <= d.bg && d.n+n > d.bg
 		d.n += n
 		d.mu.Unlock()
 		if crossed {

@@ -177,7 +177,8 @@ type Engine struct {
 	thrCtx    context.Context
 	thrCancel context.CancelCauseFunc
 
-	kick    chan struct{}
+	kick    chan struct{} // memory pressure: write back everything dirty
+	ckick   chan struct{} // the journal ring is half full: checkpoint
 	stop    chan struct{}
 	bgDone  chan struct{}
 	bufPool sync.Pool // aligned maxIO buffers for bounce copies
@@ -414,6 +415,7 @@ func open(dev Device, opts Options) (*Engine, error) {
 		ckptSlot:  l.ckptSlot,
 		gen:       1,
 		kick:      make(chan struct{}, 1),
+		ckick:     make(chan struct{}, 1),
 		stop:      make(chan struct{}),
 		bgDone:    make(chan struct{}),
 	}
@@ -879,7 +881,13 @@ func (e *Engine) perform(p *commitPlan) error {
 		e.jmu.Unlock()
 		if p.ringUsed > e.sb.JournalBlocks/2 {
 			e.wantCkpt.Store(true)
-			e.kickWriteback()
+			// Only the checkpoint: writing back all the dirty data
+			// because the journal filled would turn a rewritten
+			// working set that fits the cache into device writes.
+			select {
+			case e.ckick <- struct{}{}:
+			default:
+			}
 		}
 	}
 	e.cmu.Lock()
@@ -1096,6 +1104,7 @@ func (e *Engine) background() {
 			return
 		case <-e.kick:
 			all = true
+		case <-e.ckick:
 		case <-tick.C:
 		}
 		now := time.Now()
