@@ -181,7 +181,8 @@ type Engine struct {
 	ckick   chan struct{} // the journal ring is half full: checkpoint
 	stop    chan struct{}
 	bgDone  chan struct{}
-	bufPool sync.Pool // aligned maxIO buffers for bounce copies
+	bufPool sync.Pool      // aligned maxIO buffers for bounce copies
+	raWG    sync.WaitGroup // readahead reads in flight (see readAheadLocked)
 
 	allocations, devWrites, devReads, devBytesW, devBytesR atomic.Uint64
 	commits, checkpoints, journalBytes, flushes            atomic.Uint64
@@ -1052,6 +1053,8 @@ func (e *Engine) Close() error {
 	defer e.life.Unlock()
 	close(e.stop)
 	<-e.bgDone
+	// No call is in flight, so no readahead starts any more.
+	e.raWG.Wait()
 	var err error
 	if !e.readOnly {
 		err = e.syncAll(true)

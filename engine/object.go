@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -56,58 +57,189 @@ type Object struct {
 	ra     raBuffer     // the last readahead I/O of a sequential reader
 }
 
-// raBuffer holds the blocks of a sequential reader's last device read.
+// raBuffer holds a sequential reader's readahead: up to two windows of
+// blocks read ahead of it, asynchronously, so that the device read of the
+// next window overlaps the reader's own round trips (an NBD client, a file
+// system above it) instead of being added to one of its requests.
 // Readahead is kept here rather than offered to the clean cache: one-pass
 // sequential data would only be rejected by (or pollute) its LFU policy.
 type raBuffer struct {
 	mu    sync.Mutex
-	valid atomic.Bool
-	start int64 // first block held
-	n     int64
-	buf   *[]byte // from the engine's buffer pool
+	valid atomic.Bool // some window is present
+	w     [2]*raWindow
 }
 
-// copyBlock hands block b's bytes to fn if the buffer holds it.
+// raWindow is one readahead read of blocks [start, start+n).
+type raWindow struct {
+	start, n int64
+	buf      *[]byte       // from the engine's buffer pool
+	done     chan struct{} // closed when the read has finished
+	err      error         // the read's error, set before done is closed
+	// dropped: the window left the buffer while its read was in flight;
+	// the read's goroutine gives buf back.
+	dropped bool
+}
+
+func (w *raWindow) finished() bool {
+	select {
+	case <-w.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// findLocked returns the window holding block b, if any.
+func (r *raBuffer) findLocked(b int64) *raWindow {
+	for _, w := range r.w {
+		if w != nil && b >= w.start && b < w.start+w.n {
+			return w
+		}
+	}
+	return nil
+}
+
+// copyBlock hands block b's bytes to fn if a window holds it, first waiting
+// for the window's read if it is in flight. It returns false if no window
+// holds b or its read failed: the caller reads b itself.
 func (r *raBuffer) copyBlock(b int64, shift uint, fn func(data []byte)) bool {
 	if !r.valid.Load() {
 		return false
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.buf == nil || b < r.start || b >= r.start+r.n {
+	for {
+		w := r.findLocked(b)
+		if w == nil {
+			return false
+		}
+		if w.finished() {
+			if w.err != nil {
+				return false
+			}
+			i := (b - w.start) << shift
+			fn((*w.buf)[i : i+1<<shift])
+			return true
+		}
+		// Wait without the lock; the window may be dropped meanwhile,
+		// so look again.
+		r.mu.Unlock()
+		<-w.done
+		r.mu.Lock()
+	}
+}
+
+// holds reports whether a window (read or in flight) holds block b.
+func (r *raBuffer) holds(b int64) bool {
+	if !r.valid.Load() {
 		return false
 	}
-	i := (b - r.start) << shift
-	fn((*r.buf)[i : i+1<<shift])
-	return true
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.findLocked(b) != nil
 }
 
-// install makes buf (holding n blocks from start) the readahead buffer and
-// returns the previous one to the pool.
-func (r *raBuffer) install(pool *sync.Pool, buf *[]byte, start, n int64) {
+// reach returns the end of the run of windows that continues from block b
+// (b itself when no window holds it).
+func (r *raBuffer) reach(b int64) int64 {
+	if !r.valid.Load() {
+		return b
+	}
 	r.mu.Lock()
-	old := r.buf
-	r.buf, r.start, r.n = buf, start, n
+	defer r.mu.Unlock()
+	for range r.w {
+		w := r.findLocked(b)
+		if w == nil || (w.finished() && w.err != nil) {
+			break
+		}
+		b = w.start + w.n
+	}
+	return b
+}
+
+// start adds a window for blocks [start, start+n), replacing the window
+// that ends first (the one the reader is done with, or the older), and
+// returns it, or nil if a window already holds start. The caller reads
+// the blocks and calls finish.
+func (r *raBuffer) start(pool *sync.Pool, start, n int64) *raWindow {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.findLocked(start) != nil {
+		return nil
+	}
+	i := 0
+	switch {
+	case r.w[0] == nil:
+	case r.w[1] == nil:
+		i = 1
+	case r.w[1].start+r.w[1].n < r.w[0].start+r.w[0].n:
+		i = 1
+	}
+	r.releaseLocked(pool, i)
+	w := &raWindow{start: start, n: n, buf: pool.Get().(*[]byte), done: make(chan struct{})}
+	r.w[i] = w
 	r.valid.Store(true)
-	r.mu.Unlock()
-	if old != nil {
-		pool.Put(old)
+	return w
+}
+
+// finish records the result of w's read.
+func (r *raBuffer) finish(pool *sync.Pool, w *raWindow, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	w.err = err
+	close(w.done)
+	if w.dropped {
+		pool.Put(w.buf)
+		w.buf = nil
 	}
 }
 
-// drop forgets the buffer: the object changed.
+// releaseLocked empties slot i, giving its buffer back once no read uses it.
+func (r *raBuffer) releaseLocked(pool *sync.Pool, i int) {
+	w := r.w[i]
+	if w == nil {
+		return
+	}
+	r.w[i] = nil
+	if w.finished() {
+		pool.Put(w.buf)
+		w.buf = nil
+	} else {
+		w.dropped = true
+	}
+}
+
+// dropRange forgets the windows holding any of blocks [b0, b1): their
+// data changed. Windows elsewhere stay: a file system's metadata writes
+// (access times, its journal) must not throw away a reader's readahead.
+func (r *raBuffer) dropRange(pool *sync.Pool, b0, b1 int64) {
+	if !r.valid.Load() {
+		return
+	}
+	r.mu.Lock()
+	any := false
+	for i, w := range r.w {
+		if w != nil && w.start < b1 && b0 < w.start+w.n {
+			r.releaseLocked(pool, i)
+		}
+		any = any || r.w[i] != nil
+	}
+	r.valid.Store(any)
+	r.mu.Unlock()
+}
+
+// drop forgets every window: the object changed. A read in flight is
+// still waited for by nobody and its result thrown away.
 func (r *raBuffer) drop(pool *sync.Pool) {
 	if !r.valid.Load() {
 		return
 	}
 	r.mu.Lock()
-	old := r.buf
-	r.buf, r.n = nil, 0
+	for i := range r.w {
+		r.releaseLocked(pool, i)
+	}
 	r.valid.Store(false)
 	r.mu.Unlock()
-	if old != nil {
-		pool.Put(old)
-	}
 }
 
 const (
@@ -326,7 +458,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 			}
 			// Writeback may have taken pages since we counted.
 			if o.missingPagesLocked(cb, ce) <= len(cr.pages) {
-				o.ra.drop(&e.bufPool)
+				o.ra.dropRange(&e.bufPool, cb, ce)
 				break
 			}
 			o.mu.Unlock()
@@ -452,52 +584,38 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	b0, b1 := off>>e.shift, (off+want-1)>>e.shift+1
 	sizeBlocks := (o.size + bs - 1) >> e.shift
 
-	// Readahead: a reader continuing where the last one stopped gets the
-	// next window read in the same I/O as its miss.
+	// Readahead: a reader continuing where the last one stopped, or
+	// reading inside a window read ahead for it, is sequential; it gets
+	// readahead windows that double from four times its request up to
+	// raMax. The window test keeps a stream sequential when its client
+	// has several requests in flight and they arrive out of order.
 	ra := int64(0)
-	if o.raNext.Load() == b0 && b0 != 0 {
-		ra = min(max(o.raLen.Load()*2, raMin), raMax>>e.shift)
+	if b0 != 0 && (o.raNext.Load() == b0 || o.ra.holds(b0)) {
+		ra = min(max(o.raLen.Load()*2, 4*(b1-b0), raMin), raMax>>e.shift)
 		o.raLen.Store(ra)
 	} else {
 		o.raLen.Store(0)
 	}
 	o.raNext.Store(b1)
-	raEnd := min(b1+ra, sizeBlocks)
 
 	var arr [8]extenttree.Segment
-	segs := o.tree.LookupShared(arr[:0], b0, raEnd-b0)
+	segs := o.tree.LookupShared(arr[:0], b0, b1-b0)
 	r := readOp{o: o, p: p[:want], off: off, sequential: ra > 0}
 	for _, s := range segs {
 		start := max(s.Start, b0)
-		for b := start; b < s.Start+s.Len; b++ {
-			inReq := b < b1
+		for b := start; b < min(s.Start+s.Len, b1); b++ {
 			if pg := o.pageLocked(b); pg != nil {
-				if !inReq {
-					break
-				}
 				r.copyOut(b, pg.Data())
 				continue
 			}
 			if s.State != extenttree.Written {
-				if !inReq {
-					break
-				}
 				r.zero(b)
 				continue
 			}
-			if inReq {
-				hit := o.ra.copyBlock(b, e.shift, func(data []byte) { r.copyOut(b, data) })
-				if hit {
-					continue
-				}
-			} else if o.ra.copyBlock(b, e.shift, func([]byte) {}) {
-				break
+			if o.ra.copyBlock(b, e.shift, func(data []byte) { r.copyOut(b, data) }) {
+				continue
 			}
 			if pg := e.cache.Lookup(o.key(b)); pg != nil {
-				if !inReq {
-					pg.Release()
-					break
-				}
 				r.copyOut(b, pg.Data())
 				pg.Release()
 				continue
@@ -511,10 +629,57 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	if err := r.flush(); err != nil {
 		return 0, err
 	}
+	if ra > 0 {
+		o.readAheadLocked(b1, ra, sizeBlocks)
+	}
 	if want < int64(len(p)) {
 		return int(want), io.EOF
 	}
 	return int(want), nil
+}
+
+// readAheadLocked keeps a sequential reader, whose request ended at block
+// b1, ahead: when the windows already read or in flight reach less than
+// ra/2 past b1, it starts reading the next ra blocks in the background.
+// (Starting a whole window ahead measured worse: on an ext4 tree read back
+// through NBD it read 2.7 times as much from the device.) A window covers written blocks only, contiguous on the
+// device, up to the first block with a page of its own (whose data is newer
+// than the device's). o.mu is held, shared.
+func (o *Object) readAheadLocked(b1, ra, sizeBlocks int64) {
+	e := o.e
+	from := o.ra.reach(b1)
+	if from-b1 >= ra/2 || from >= sizeBlocks {
+		return
+	}
+	n := min(ra, sizeBlocks-from)
+	var arr [1]extenttree.Segment
+	segs := o.tree.LookupShared(arr[:0], from, n)
+	if len(segs) == 0 || segs[0].State != extenttree.Written {
+		return
+	}
+	s := segs[0]
+	n = min(n, s.Start+s.Len-from)
+	for i := int64(0); i < n; i++ {
+		if o.pageLocked(from+i) != nil {
+			n = i
+			break
+		}
+	}
+	if n == 0 {
+		return
+	}
+	w := o.ra.start(&e.bufPool, from, n)
+	if w == nil {
+		return
+	}
+	phys := (s.Phys + from - s.Start) << e.shift
+	buf := (*w.buf)[:n<<e.shift]
+	// Close waits for these reads before it gives the device back.
+	e.raWG.Add(1)
+	go func() {
+		defer e.raWG.Done()
+		o.ra.finish(&e.bufPool, w, e.readDev(buf, phys))
+	}()
 }
 
 func (o *Object) pageLocked(b int64) *cache.Page {
@@ -611,15 +776,14 @@ func (r *readOp) flush() error {
 		e.bufPool.Put(bufp)
 		return fmt.Errorf("read %q: %w", o.name, err)
 	}
+	defer e.bufPool.Put(bufp)
 	reqEnd := (r.off + int64(len(r.p)) + bs - 1) / bs
 	if r.sequential {
 		for b := start; b < min(start+n, reqEnd); b++ {
 			r.copyOut(b, buf[(b-start)*bs:(b-start+1)*bs])
 		}
-		o.ra.install(&e.bufPool, bufp, start, n)
 		return nil
 	}
-	defer e.bufPool.Put(bufp)
 	for i := int64(0); i < n; i++ {
 		b := start + i
 		data := buf[i*bs : (i+1)*bs]
@@ -772,7 +936,7 @@ func (o *Object) PunchHole(off, length int64) error {
 	if o.removed {
 		return o.notExist("punch")
 	}
-	o.ra.drop(&e.bufPool)
+	o.ra.dropRange(&e.bufPool, off>>e.shift, (off+length-1)>>e.shift+1)
 	end := min(off+length, o.size)
 	if end <= off {
 		return nil
@@ -809,6 +973,7 @@ func (o *Object) PunchHole(off, length int64) error {
 // zeroPartialLocked zeroes bytes [from, to) of block b. A hole is already
 // zero; a written block gets a dirty copy (no new space needed).
 func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
+	o.ra.dropRange(&o.e.bufPool, b, b+1)
 	if pg := o.dirty.Get(b); pg != nil {
 		clear(pg.Data()[from:to])
 		return nil
@@ -838,7 +1003,7 @@ func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
 // reservations and extents. Freed extents stay busy until the checkpoint
 // that no longer maps them is durable.
 func (o *Object) truncateBlocksLocked(nb int64) error {
-	o.ra.drop(&o.e.bufPool)
+	o.ra.dropRange(&o.e.bufPool, nb, math.MaxInt64)
 	freed, dropped, err := o.tree.Truncate(nil, nb)
 	if err != nil {
 		return fmt.Errorf("truncate %q: %w", o.name, err)

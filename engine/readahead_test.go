@@ -1,0 +1,113 @@
+package engine
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"testing"
+)
+
+// TestReadaheadSeesChanges reads an object sequentially from a cold cache,
+// so that readahead windows are read (or in flight) ahead of the reader,
+// and between reads changes the blocks ahead of it: overwrites, punched
+// holes, truncation and extension, both inside and outside the windows,
+// synced or not. Every read must see the object as it is now, never a
+// window's older copy.
+func TestReadaheadSeesChanges(t *testing.T) {
+	for _, devName := range []string{"mem", "file"} {
+		t.Run(devName, func(t *testing.T) {
+			var dev Device
+			if devName == "mem" {
+				dev = NewMemDevice(64<<20, 4096)
+			} else {
+				dev = newTestFileDevice(t, 64<<20)
+			}
+			seed := rand.Uint64()
+			t.Logf("seed %d", seed)
+			r := rand.New(rand.NewPCG(seed, 7))
+			const size = 8 << 20
+			model := make([]byte, size)
+			for i := range model {
+				model[i] = byte(r.Uint32())
+			}
+			e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+			o, err := e.Create("obj")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := o.WriteAt(model, 0); err != nil {
+				t.Fatal(err)
+			}
+			for round := 0; round < 4; round++ {
+				// Close and reopen: the cache is cold, reads go to
+				// the device and readahead starts.
+				if err := e.Close(); err != nil {
+					t.Fatal(err)
+				}
+				if e, err = Open(dev, Options{CacheSize: 8 << 20}); err != nil {
+					t.Fatal(err)
+				}
+				if o, err = e.Object("obj"); err != nil {
+					t.Fatal(err)
+				}
+				const chunk = 128 << 10
+				buf := make([]byte, chunk)
+				for off := int64(0); off < int64(len(model)); off += chunk {
+					n, err := o.ReadAt(buf, off)
+					want := model[off:min(off+chunk, int64(len(model)))]
+					if n != len(want) || !bytes.Equal(buf[:n], want) {
+						t.Fatalf("round %d: read at %d: %d bytes (err %v), differ from the model", round, off, n, err)
+					}
+					// Change something ahead, usually inside the
+					// windows (up to 1 MiB ahead), sometimes far.
+					at := off + chunk + r.Int64N(2<<20)
+					switch k := r.IntN(10); {
+					case k < 5 && at < int64(len(model)):
+						p := make([]byte, 1+r.IntN(20000))
+						for i := range p {
+							p[i] = byte(r.Uint32())
+						}
+						if _, err := o.WriteAt(p, at); err != nil {
+							t.Fatal(err)
+						}
+						if end := at + int64(len(p)); end > int64(len(model)) {
+							model = append(model, make([]byte, end-int64(len(model)))...)
+						}
+						copy(model[at:], p)
+					case k < 7 && at < int64(len(model)):
+						l := min(1+r.Int64N(30000), int64(len(model))-at)
+						if err := o.PunchHole(at, l); err != nil {
+							t.Fatal(err)
+						}
+						clear(model[at : at+l])
+					case k < 8 && at < int64(len(model)) && r.IntN(4) == 0:
+						if err := o.Truncate(at); err != nil {
+							t.Fatal(err)
+						}
+						model = model[:at]
+					case k < 9:
+						if err := o.Sync(); err != nil {
+							t.Fatal(err)
+						}
+					}
+				}
+				if got := o.Size(); got != int64(len(model)) {
+					t.Fatalf("size %d, model %d", got, len(model))
+				}
+				if len(model) < size/2 {
+					// Grow back so the next round has something to read.
+					p := make([]byte, size-len(model))
+					for i := range p {
+						p[i] = byte(r.Uint32())
+					}
+					if _, err := o.WriteAt(p, int64(len(model))); err != nil {
+						t.Fatal(err)
+					}
+					model = append(model, p...)
+				}
+			}
+			if err := e.Close(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
