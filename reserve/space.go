@@ -51,6 +51,8 @@ func sizeExtent(k uint64) Extent {
 type busyExtent struct {
 	Extent
 	seq uint64
+	// nearFree: a free or busy extent touched it when it was freed.
+	nearFree bool
 }
 
 func lessSize(a, b Extent) bool {
@@ -120,6 +122,19 @@ type Space struct {
 	busyQueue  []busyExtent
 	busyHead   int
 	busyBlocks int64
+
+	// Commit has to coalesce a busy extent only if it touches a free
+	// extent, or a busy one (which may be free by then, or later). Whether
+	// it does is known when it is freed (busyExtent.nearFree, from the
+	// overlap check's lookup), and only an operation that creates free or
+	// busy space next to it can change that (carving free extents never
+	// brings one closer): Free, and the coalescing of insertFree and
+	// Commit, record its start here. A busy extent in neither touches
+	// nothing that is not allocated: it becomes a free extent with one
+	// in-place update, without looking for its neighbours. On 100k free
+	// extents most freed extents are isolated (71% in the benchmark), and
+	// this saves a descent for each.
+	lateNear map[int64]struct{}
 
 	// Held windows, Start to Len, coalesced like the free extents.
 	held       *btree.Map[int64, int64]
@@ -494,7 +509,8 @@ func (s *Space) Free(e Extent, seq uint64) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := s.checkAllocated("free", e); err != nil {
+	nearFree, err := s.checkAllocated("free", e)
+	if err != nil {
 		return err
 	}
 	if err := s.acct.Release(e.Len); err != nil {
@@ -507,7 +523,7 @@ func (s *Space) Free(e Extent, seq uint64) error {
 	if _, dup := s.byEnd.Set(e.End(), e.Start|busyTag); dup {
 		panic(fmt.Sprintf("reserve: free %v: end already indexed by block", e))
 	}
-	s.enqueueBusy(busyExtent{Extent: e, seq: seq})
+	s.enqueueBusy(busyExtent{Extent: e, seq: seq, nearFree: nearFree})
 	s.busyBlocks += e.Len
 	return nil
 }
@@ -532,21 +548,45 @@ func (s *Space) enqueueBusy(b busyExtent) {
 // checkAllocated returns an error naming e and the first overlapping extent
 // if any block of e is allocatable, busy or held. The extents of each index
 // are disjoint and sorted, so one lookup per index finds the only candidate.
-func (s *Space) checkAllocated(op string, e Extent) error {
+// Otherwise it reports whether a free or busy extent touches e, and marks
+// the busy ones that do (see lateNear).
+func (s *Space) checkAllocated(op string, e Extent) (near bool, err error) {
+	var left, right Extent
+	var nearLeft, nearRight, busyLeft, busyRight bool
 	// The first free or busy extent ending after e.Start overlaps e if any
-	// does.
-	if it := &s.endIt; it.Seek(e.Start + 1) {
-		if f, busy := endEntry(it); f.Start < e.End() {
+	// does; if not, it is the right neighbour candidate and the one before
+	// it the left.
+	it := &s.endIt
+	ok := it.Seek(e.Start + 1)
+	if ok {
+		f, busy := endEntry(it)
+		if f.Start < e.End() {
 			if busy {
-				return fmt.Errorf("%w: %s %v: overlaps extent %v already freed at sequence %d (double free?)", ErrInvalid, op, e, f, s.busySeq(f))
+				return false, fmt.Errorf("%w: %s %v: overlaps extent %v already freed at sequence %d (double free?)", ErrInvalid, op, e, f, s.busySeq(f))
 			}
-			return fmt.Errorf("%w: %s %v: overlaps free extent %v (double free?)", ErrInvalid, op, e, f)
+			return false, fmt.Errorf("%w: %s %v: overlaps free extent %v (double free?)", ErrInvalid, op, e, f)
 		}
+		nearRight, busyRight = f.Start == e.End(), busy
+		right = f
+		ok = it.Prev()
+	} else {
+		ok = it.Last()
+	}
+	if ok {
+		f, busy := endEntry(it)
+		nearLeft, busyLeft, left = f.End() == e.Start, busy, f
 	}
 	if start, n, ok := floor(s.held, e.End()-1); ok && start+n > e.Start {
-		return fmt.Errorf("%w: %s %v: overlaps held window %v", ErrInvalid, op, e, Extent{start, n})
+		return false, fmt.Errorf("%w: %s %v: overlaps held window %v", ErrInvalid, op, e, Extent{start, n})
 	}
-	return nil
+	// A busy neighbour now touches e, which will be busy and later free.
+	if nearRight && busyRight {
+		s.markNear(right)
+	}
+	if nearLeft && busyLeft {
+		s.markNear(left)
+	}
+	return nearLeft || nearRight, nil
 }
 
 // Commit records that metadata up to sequence seq is durable: busy extents
@@ -794,11 +834,14 @@ func (s *Space) busySeq(b Extent) uint64 {
 // e is busy it is in byEnd, between the two. Busy neighbours do not
 // count: they are not free yet.
 func (s *Space) neighbours(e Extent, isBusy bool) (left Extent, hasLeft bool, right Extent, hasRight bool) {
+	var busyLeft, busyRight Extent
+	hasBusyLeft, hasBusyRight := false, false
 	it := &s.endIt
 	ok := it.Seek(e.Start)
 	if ok && it.Key() == e.Start {
 		x, busy := endEntry(it)
 		left, hasLeft = x, !busy
+		busyLeft, hasBusyLeft = x, busy
 		ok = it.Next()
 	}
 	if isBusy {
@@ -813,8 +856,25 @@ func (s *Space) neighbours(e Extent, isBusy bool) (left Extent, hasLeft bool, ri
 			panic(fmt.Sprintf("reserve: insert free %v: overlaps extent %v", e, x))
 		}
 		right, hasRight = x, !busy && x.Start == e.End()
+		busyRight, hasBusyRight = x, busy && x.Start == e.End()
+	}
+	// e is about to become free space: busy extents touching it must
+	// coalesce when they are released (see lateNear).
+	if hasBusyLeft {
+		s.markNear(busyLeft)
+	}
+	if hasBusyRight {
+		s.markNear(busyRight)
 	}
 	return left, hasLeft, right, hasRight
+}
+
+// markNear records that busy extent b touches free space.
+func (s *Space) markNear(b Extent) {
+	if s.lateNear == nil {
+		s.lateNear = make(map[int64]struct{})
+	}
+	s.lateNear[b.Start] = struct{}{}
 }
 
 // release turns busy extent b into a free one, coalescing it with the free
@@ -822,6 +882,22 @@ func (s *Space) neighbours(e Extent, isBusy bool) (left Extent, hasLeft bool, ri
 // becomes the merged extent's entry where the end allows.
 func (s *Space) release(b busyExtent) {
 	e := b.Extent
+	near := b.nearFree
+	if len(s.lateNear) > 0 {
+		if _, ok := s.lateNear[e.Start]; ok {
+			near = true
+			delete(s.lateNear, e.Start)
+		}
+	}
+	if !near {
+		// Nothing free touches e: it becomes a free extent as it is.
+		if prev, ok := s.byEnd.Set(e.End(), e.Start); !ok || prev != e.Start|busyTag {
+			panic(fmt.Sprintf("reserve: busy extent %v missing from the by-block index (found start %#x)", e, prev))
+		}
+		s.addSize(e)
+		s.freeBlocks += e.Len
+		return
+	}
 	left, hasLeft, right, hasRight := s.neighbours(e, true)
 	if hasRight {
 		if start, ok := s.byEnd.Delete(e.End()); !ok || start != e.Start|busyTag {
@@ -968,6 +1044,7 @@ func (s *Space) Check() error {
 	var sum, busySum int64
 	nBusy := 0
 	prev, prevFree := Extent{Start: -2}, false
+	var touching [][2]Extent // {busy, free or busy} pairs that touch
 	s.byEnd.Scan(func(end, v int64) bool {
 		start := v &^ busyTag
 		e := Extent{Start: start, Len: end - start}
@@ -991,6 +1068,14 @@ func (s *Space) Check() error {
 			busySum += e.Len
 		} else {
 			sum += e.Len
+		}
+		if prev.End() == e.Start && (busy || !prevFree) {
+			if busy {
+				touching = append(touching, [2]Extent{e, prev})
+			}
+			if !prevFree {
+				touching = append(touching, [2]Extent{prev, e})
+			}
 		}
 		prev, prevFree = e, !busy
 		all = append(all, tagged{e, kind})
@@ -1035,6 +1120,21 @@ func (s *Space) Check() error {
 	})
 	if err != nil {
 		return err
+	}
+	near := make(map[int64]bool, len(queue))
+	for _, b := range queue {
+		near[b.Start] = b.nearFree
+	}
+	for start := range s.lateNear {
+		if _, ok := near[start]; !ok {
+			return fmt.Errorf("reserve: block %d marked as a busy extent next to free space, but no busy extent starts there", start)
+		}
+		near[start] = true
+	}
+	for _, p := range touching {
+		if !near[p[0].Start] {
+			return fmt.Errorf("reserve: busy extent %v touches %v but is not marked to coalesce at commit", p[0], p[1])
+		}
 	}
 	for i, b := range queue {
 		if i > 0 && b.seq < queue[i-1].seq {

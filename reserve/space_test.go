@@ -508,7 +508,7 @@ func TestCheckDetectsCorruption(t *testing.T) {
 		}, "free extents sum to 60 blocks, counter says 61"},
 		{"accounting off", func(s *Space) { s.acct.word.Add(1) }, "accounting has free 61"},
 		{"busy overlaps free", func(s *Space) {
-			s.addBusy(busyExtent{Extent{45, 10}, 9})
+			s.addBusy(busyExtent{Extent: Extent{45, 10}, seq: 9})
 			s.acct.word.Add(10)
 		}, "free extent [40+60] overlaps busy extent [45+10]"},
 		{"busy missing from queue", func(s *Space) {
@@ -517,18 +517,23 @@ func TestCheckDetectsCorruption(t *testing.T) {
 			s.acct.word.Add(1)
 		}, "1 busy extents by block, 0 in the sequence queue"},
 		{"busy queue out of order", func(s *Space) {
-			for _, b := range []busyExtent{{Extent{0, 1}, 9}, {Extent{1, 1}, 8}} {
+			for _, b := range []busyExtent{{Extent: Extent{0, 1}, seq: 9, nearFree: true}, {Extent: Extent{1, 1}, seq: 8, nearFree: true}} {
 				s.addBusy(b)
 				s.acct.word.Add(1)
 			}
 		}, "out of order"},
 		{"busy already committed", func(s *Space) {
 			s.committed, s.anyCommit = 9, true
-			s.addBusy(busyExtent{Extent{0, 1}, 9})
+			s.addBusy(busyExtent{Extent: Extent{0, 1}, seq: 9})
 			s.acct.word.Add(1)
 		}, "already committed"},
+		{"busy next to free, not marked", func(s *Space) {
+			s.addBusy(busyExtent{Extent: Extent{30, 10}, seq: 9})
+			s.acct.word.Add(10)
+		}, "busy extent [30+10] touches [40+60] but is not marked"},
+		{"stray mark", func(s *Space) { s.markNear(Extent{3, 1}) }, "no busy extent starts there"},
 		{"busy in queue only", func(s *Space) {
-			s.busyQueue = append(s.busyQueue, busyExtent{Extent{0, 1}, 9})
+			s.busyQueue = append(s.busyQueue, busyExtent{Extent: Extent{0, 1}, seq: 9})
 			s.busyBlocks++
 			s.acct.word.Add(1)
 		}, "0 busy extents by block, 1 in the sequence queue"},
