@@ -182,12 +182,25 @@ func (r *raBuffer) start(pool *sync.Pool, start, n int64) *raWindow {
 	return w
 }
 
-// finish records the result of w's read.
+// finish records the result of w's read. A failed window leaves the
+// buffer at once: its blocks are read by the requests that need them, which
+// see the error if it persists, and a later window may cover them again.
 func (r *raBuffer) finish(pool *sync.Pool, w *raWindow, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	w.err = err
 	close(w.done)
+	if err != nil && !w.dropped {
+		any := false
+		for i := range r.w {
+			if r.w[i] == w {
+				r.releaseLocked(pool, i)
+			}
+			any = any || r.w[i] != nil
+		}
+		r.valid.Store(any)
+		return
+	}
 	if w.dropped {
 		pool.Put(w.buf)
 		w.buf = nil

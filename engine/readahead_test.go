@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"math/rand/v2"
+	"syscall"
 	"testing"
 )
 
@@ -109,5 +110,72 @@ func TestReadaheadSeesChanges(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestReadaheadFailures fails device reads (errors and short reads) while a
+// sequential reader runs from a cold cache, so that readahead windows fail
+// in flight. A read may return an error, but never data that differs from
+// what was written, and once the faults are gone every byte reads back.
+func TestReadaheadFailures(t *testing.T) {
+	for _, short := range []bool{false, true} {
+		dev := NewFaultDevice(64<<20, 4096)
+		seed := rand.Uint64()
+		t.Logf("short %v, seed %d", short, seed)
+		r := rand.New(rand.NewPCG(seed, 9))
+		model := make([]byte, 6<<20)
+		for i := range model {
+			model[i] = byte(r.Uint32())
+		}
+		e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+		o, err := e.Create("obj")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := o.WriteAt(model, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if e, err = Open(dev, Options{CacheSize: 8 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		if o, err = e.Object("obj"); err != nil {
+			t.Fatal(err)
+		}
+		f := Fault{Op: FaultRead, Times: -1, Match: func(off, n int64) bool { return r.IntN(4) == 0 }}
+		if short {
+			f.Short = true
+		} else {
+			f.Err = syscall.EIO
+		}
+		if err := dev.Inject(f); err != nil {
+			t.Fatal(err)
+		}
+		const chunk = 64 << 10
+		buf := make([]byte, chunk)
+		failed := 0
+		for off := int64(0); off < int64(len(model)); off += chunk {
+			n, err := o.ReadAt(buf, off)
+			if err != nil {
+				failed++
+				continue
+			}
+			if !bytes.Equal(buf[:n], model[off:off+int64(n)]) || n != chunk {
+				t.Fatalf("read at %d under faults: %d bytes differ from what was written", off, n)
+			}
+		}
+		dev.ClearFaults()
+		for off := int64(0); off < int64(len(model)); off += chunk {
+			n, err := o.ReadAt(buf, off)
+			if err != nil || n != chunk || !bytes.Equal(buf, model[off:off+chunk]) {
+				t.Fatalf("read at %d after the faults: %d bytes, %v", off, n, err)
+			}
+		}
+		t.Logf("%d of %d reads failed under faults", failed, len(model)/chunk)
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
