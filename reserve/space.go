@@ -142,6 +142,31 @@ type Space struct {
 	// extents most freed extents are isolated (71% in the benchmark), and
 	// this saves a descent for each.
 	lateNear map[int64]struct{}
+	//
+	// Tried against this layout and not kept (same-session medians, ns/op,
+	// on the shared 2-core machine; Free includes its Commit):
+	//   - busy extents in a separate small tidwall Map (degree 32 or 256,
+	//     with a sentinel so it never empties) instead of in byEnd: Free
+	//     1429-1446 -> 1604-1783, AppendFree 663 -> 850-915. Its descents
+	//     cost about as much as byEnd's (the time is in the binary
+	//     search's mispredicted branches, about log2 of the count, more
+	//     than in cache misses), and byEnd then takes an insert at Commit.
+	//   - the busy state in a Go map of ends instead of the tag bit (no
+	//     byEnd update for an isolated release): AppendFree 558 -> 499,
+	//     but Free 1159 -> 1214 and Alloc 928 -> 991 cpu-ns (the map
+	//     lookups for touching neighbours cost more than the saved
+	//     descent).
+	//   - Commit merging a busy extent with free extents on both sides
+	//     from a hint recorded at Free (the right neighbour's end, proved
+	//     by the value Set replaces), saving the neighbour descent: Free
+	//     1168 -> 1114, 1153 -> 1252, 1162 -> 1164 in three rounds, no gain
+	//     beyond noise (commit 01b37aa, reverted).
+	//   - sorting the extents a Commit releases by block for locality: no
+	//     gain (1541-1604 -> 1569-1618 cpu-ns, noisy round).
+	//   - 8-byte by-block entries: a Map key packing end and length changes
+	//     whenever an extent loses blocks at its start, so the in-place
+	//     updates of carving and untagging would become a delete and an
+	//     insert each.
 
 	// Held windows, Start to Len, coalesced like the free extents.
 	held       *btree.Map[int64, int64]
