@@ -53,7 +53,7 @@ type Object struct {
 	sizeOff int
 
 	raNext atomic.Int64 // block a sequential reader asks for next
-	raLen  atomic.Int64 // current readahead window, in blocks
+	raLen  atomic.Int64 // current readahead window, in blocks; -1 after one sequential request
 	ra     raBuffer     // the last readahead I/O of a sequential reader
 }
 
@@ -127,16 +127,6 @@ func (r *raBuffer) copyBlock(b int64, shift uint, fn func(data []byte)) bool {
 		<-w.done
 		r.mu.Lock()
 	}
-}
-
-// holds reports whether a window (read or in flight) holds block b.
-func (r *raBuffer) holds(b int64) bool {
-	if !r.valid.Load() {
-		return false
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.findLocked(b) != nil
 }
 
 // reach returns the end of the run of windows that continues from block b
@@ -597,17 +587,24 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	b0, b1 := off>>e.shift, (off+want-1)>>e.shift+1
 	sizeBlocks := (o.size + bs - 1) >> e.shift
 
-	// Readahead: a reader continuing where the last one stopped, or
-	// reading inside a window read ahead for it, is sequential; it gets
-	// readahead windows that double from four times its request up to
-	// raMax. The window test keeps a stream sequential when its client
-	// has several requests in flight and they arrive out of order.
+	// Readahead: a reader starting within four request lengths of where
+	// the last one stopped is sequential (the slack keeps a stream
+	// sequential when its client's requests arrive out of order); from
+	// the second such request in a row it gets readahead windows that
+	// double from four times its request up to raMax. A random reader
+	// lands near the last read now and then; starting a window on one
+	// such read read 430 MB from the device in a 4 s run of cached random
+	// reads of a 32 MiB object, and readers waited for those windows.
 	ra := int64(0)
-	if b0 != 0 && (o.raNext.Load() == b0 || o.ra.holds(b0)) {
-		ra = min(max(o.raLen.Load()*2, 4*(b1-b0), raMin), raMax>>e.shift)
-		o.raLen.Store(ra)
-	} else {
+	next, slack := o.raNext.Load(), 4*(b1-b0)
+	switch l := o.raLen.Load(); {
+	case b0 == 0 || b0 < next-slack || b0 > next+slack:
 		o.raLen.Store(0)
+	case l == 0:
+		o.raLen.Store(-1) // one sequential request: wait for the next
+	default:
+		ra = min(max(l*2, 4*(b1-b0), raMin), raMax>>e.shift)
+		o.raLen.Store(ra)
 	}
 	o.raNext.Store(b1)
 
