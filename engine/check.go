@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"cmp"
 	"encoding/hex"
 	"fmt"
 	"slices"
@@ -122,15 +123,7 @@ func Check(dev Device) (Report, error) {
 	}
 
 	// No block owned twice.
-	slices.SortFunc(owners, func(a, b owned) int {
-		switch {
-		case a.Start < b.Start:
-			return -1
-		case a.Start > b.Start:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(owners, func(a, b owned) int { return cmp.Compare(a.Start, b.Start) })
 	for i := 1; i < len(owners); i++ {
 		if p, c := owners[i-1], owners[i]; c.Start < p.Start+p.Len {
 			problem(fmt.Errorf("device blocks %d+%d of object %q overlap blocks %d+%d of object %q", c.Start, c.Len, c.owner, p.Start, p.Len, p.owner))

@@ -26,30 +26,12 @@ func TestReadaheadSeesChanges(t *testing.T) {
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 7))
 			const size = 8 << 20
-			model := make([]byte, size)
-			for i := range model {
-				model[i] = byte(r.Uint32())
-			}
-			e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
-			o, err := e.Create("obj")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := o.WriteAt(model, 0); err != nil {
-				t.Fatal(err)
-			}
+			model := randomBytes(r, size)
+			e, o := writeObject(t, dev, model)
 			for round := 0; round < 4; round++ {
 				// Close and reopen: the cache is cold, reads go to
 				// the device and readahead starts.
-				if err := e.Close(); err != nil {
-					t.Fatal(err)
-				}
-				if e, err = Open(dev, Options{CacheSize: 8 << 20}); err != nil {
-					t.Fatal(err)
-				}
-				if o, err = e.Object("obj"); err != nil {
-					t.Fatal(err)
-				}
+				e, o = reopenCold(t, e, dev)
 				const chunk = 128 << 10
 				buf := make([]byte, chunk)
 				for off := int64(0); off < int64(len(model)); off += chunk {
@@ -63,10 +45,7 @@ func TestReadaheadSeesChanges(t *testing.T) {
 					at := off + chunk + r.Int64N(2<<20)
 					switch k := r.IntN(10); {
 					case k < 5 && at < int64(len(model)):
-						p := make([]byte, 1+r.IntN(20000))
-						for i := range p {
-							p[i] = byte(r.Uint32())
-						}
+						p := randomBytes(r, 1+r.IntN(20000))
 						if _, err := o.WriteAt(p, at); err != nil {
 							t.Fatal(err)
 						}
@@ -96,10 +75,7 @@ func TestReadaheadSeesChanges(t *testing.T) {
 				}
 				if len(model) < size/2 {
 					// Grow back so the next round has something to read.
-					p := make([]byte, size-len(model))
-					for i := range p {
-						p[i] = byte(r.Uint32())
-					}
+					p := randomBytes(r, size-len(model))
 					if _, err := o.WriteAt(p, int64(len(model))); err != nil {
 						t.Fatal(err)
 					}
@@ -123,27 +99,9 @@ func TestReadaheadFailures(t *testing.T) {
 		seed := rand.Uint64()
 		t.Logf("short %v, seed %d", short, seed)
 		r := rand.New(rand.NewPCG(seed, 9))
-		model := make([]byte, 6<<20)
-		for i := range model {
-			model[i] = byte(r.Uint32())
-		}
-		e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
-		o, err := e.Create("obj")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := o.WriteAt(model, 0); err != nil {
-			t.Fatal(err)
-		}
-		if err := e.Close(); err != nil {
-			t.Fatal(err)
-		}
-		if e, err = Open(dev, Options{CacheSize: 8 << 20}); err != nil {
-			t.Fatal(err)
-		}
-		if o, err = e.Object("obj"); err != nil {
-			t.Fatal(err)
-		}
+		model := randomBytes(r, 6<<20)
+		e, _ := writeObject(t, dev, model)
+		e, o := reopenCold(t, e, dev)
 		f := Fault{Op: FaultRead, Times: -1, Match: func(off, n int64) bool { return r.IntN(4) == 0 }}
 		if short {
 			f.Short = true
@@ -178,4 +136,49 @@ func TestReadaheadFailures(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// randomBytes returns n bytes from r.
+func randomBytes(r *rand.Rand, n int) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = byte(r.Uint32())
+	}
+	return p
+}
+
+// reopenCold closes e (if not nil) and opens dev again with an 8 MiB cache,
+// so that the object's data is read from the device, and returns the
+// engine and the object "obj".
+func reopenCold(t *testing.T, e *Engine, dev Device) (*Engine, *Object) {
+	t.Helper()
+	if e != nil {
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e, err := Open(dev, Options{CacheSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := e.Object("obj")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e, o
+}
+
+// writeObject formats dev, writes model to a new object "obj" and returns
+// the engine and the object.
+func writeObject(t *testing.T, dev Device, model []byte) (*Engine, *Object) {
+	t.Helper()
+	e := mustFormatOpen(t, dev, Options{CacheSize: 8 << 20})
+	o, err := e.Create("obj")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := o.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	return e, o
 }

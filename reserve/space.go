@@ -1,6 +1,7 @@
 package reserve
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"sync"
@@ -224,15 +225,7 @@ func newSpaceLong(total int64, used []Extent, longLen int64) (*Space, error) {
 			sorted = append(sorted, e)
 		}
 	}
-	slices.SortFunc(sorted, func(a, b Extent) int {
-		switch {
-		case a.Start < b.Start:
-			return -1
-		case a.Start > b.Start:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(sorted, func(a, b Extent) int { return cmp.Compare(a.Start, b.Start) })
 	for i := 1; i < len(sorted); i++ {
 		// Until the first overlap the ends increase, so comparing with the
 		// previous extent finds it.
@@ -1201,15 +1194,7 @@ func (s *Space) Check() error {
 		return fmt.Errorf("reserve: held windows sum to %d blocks, counter says %d", sum, s.heldBlocks)
 	}
 
-	slices.SortFunc(all, func(a, b tagged) int {
-		switch {
-		case a.Start < b.Start:
-			return -1
-		case a.Start > b.Start:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(all, func(a, b tagged) int { return cmp.Compare(a.Start, b.Start) })
 	for i := 1; i < len(all); i++ {
 		// Sorted by start: the first overlap is between neighbours.
 		if all[i].Start < all[i-1].End() {
