@@ -180,20 +180,13 @@ func (r *raBuffer) finish(pool *sync.Pool, w *raWindow, err error) {
 	defer r.mu.Unlock()
 	w.err = err
 	close(w.done)
-	if err != nil && !w.dropped {
-		any := false
-		for i := range r.w {
-			if r.w[i] == w {
-				r.releaseLocked(pool, i)
-			}
-			any = any || r.w[i] != nil
-		}
-		r.valid.Store(any)
-		return
-	}
 	if w.dropped {
 		pool.Put(w.buf)
 		w.buf = nil
+		return
+	}
+	if err != nil {
+		r.releaseMatchingLocked(pool, func(x *raWindow) bool { return x == w })
 	}
 }
 
@@ -220,29 +213,21 @@ func (r *raBuffer) dropRange(pool *sync.Pool, b0, b1 int64) {
 		return
 	}
 	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.releaseMatchingLocked(pool, func(w *raWindow) bool { return w.start < b1 && b0 < w.start+w.n })
+}
+
+// releaseMatchingLocked empties the slots whose window match selects and
+// keeps valid in step with what is left.
+func (r *raBuffer) releaseMatchingLocked(pool *sync.Pool, match func(*raWindow) bool) {
 	any := false
 	for i, w := range r.w {
-		if w != nil && w.start < b1 && b0 < w.start+w.n {
+		if w != nil && match(w) {
 			r.releaseLocked(pool, i)
 		}
 		any = any || r.w[i] != nil
 	}
 	r.valid.Store(any)
-	r.mu.Unlock()
-}
-
-// drop forgets every window: the object changed. A read in flight is
-// still waited for by nobody and its result thrown away.
-func (r *raBuffer) drop(pool *sync.Pool) {
-	if !r.valid.Load() {
-		return
-	}
-	r.mu.Lock()
-	for i := range r.w {
-		r.releaseLocked(pool, i)
-	}
-	r.valid.Store(false)
-	r.mu.Unlock()
 }
 
 const (
