@@ -139,6 +139,7 @@ type Cache struct {
 	blockSize    int
 	stride       int // distance between frames in the arena: max(BlockSize, FrameAlign)
 	arena        *iouring.Arena
+	mem          []byte // the arena's bytes, for Span
 	pages        []Page
 	policy       *ristretto.Cache[uint64, policyEntry]
 	cleanCap     int64 // the policy's MaxCost: frames clean pages may hold
@@ -237,6 +238,7 @@ func New(opts Options) (*Cache, error) {
 		blockSize: bs,
 		stride:    stride,
 		arena:     arena,
+		mem:       mem,
 		pages:     make([]Page, frames),
 		free:      make([]uint32, frames),
 		cleanCap:  cleanCap,
@@ -292,6 +294,15 @@ func (c *Cache) CleanCapacity() int { return int(c.cleanCap) }
 
 // DirtyLimitPages returns the number of dirty pages at which AcquireDirty waits.
 func (c *Cache) DirtyLimitPages() int { return c.dirty.limit }
+
+// OverBackground reports whether the dirty pages are over the background
+// writeback threshold (half the dirty limit).
+func (c *Cache) OverBackground() bool {
+	d := &c.dirty
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.n > d.bg || len(d.queue) > 0
+}
 
 // Stats is a snapshot of the cache's counters.
 type Stats struct {

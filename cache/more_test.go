@@ -215,3 +215,71 @@ func cpuTime() time.Duration {
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// TestSpan checks that frames handed out in a row follow each other, that
+// Span covers exactly their bytes, and that a cache whose frames are padded
+// (blocks smaller than FrameAlign) never reports frames as following.
+func TestSpan(t *testing.T) {
+	c := newTestCache(t, 4096, 64, 0)
+	defer c.Close()
+	var ps []*Page
+	for i := 0; i < 4; i++ {
+		p, err := c.Alloc(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ps = append(ps, p)
+	}
+	for i := 1; i < len(ps); i++ {
+		if !ps[i].Follows(ps[i-1]) {
+			t.Fatalf("frame %d does not follow frame %d of a fresh cache", i, i-1)
+		}
+		if ps[i-1].Follows(ps[i]) {
+			t.Fatalf("frame %d follows frame %d", i-1, i)
+		}
+	}
+	for i, p := range ps {
+		for j := range p.Data() {
+			p.Data()[j] = byte(i + 1)
+		}
+	}
+	span := ps[0].Span(len(ps))
+	if len(span) != 4*4096 || cap(span) != len(span) {
+		t.Fatalf("Span: len %d cap %d, want %d", len(span), cap(span), 4*4096)
+	}
+	for i := range span {
+		if want := byte(i/4096 + 1); span[i] != want {
+			t.Fatalf("Span byte %d = %d, want %d", i, span[i], want)
+		}
+	}
+	if &ps[2].Span(1)[0] != &ps[2].Data()[0] {
+		t.Fatal("Span(1) is not the page's data")
+	}
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("Span past the last frame did not panic")
+			}
+		}()
+		ps[3].Span(c.Frames() - 2)
+	}()
+	for _, p := range ps {
+		p.Release()
+	}
+
+	small := newTestCache(t, 512, 64, 0)
+	defer small.Close()
+	a, err := small.Alloc(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := small.Alloc(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Follows(a) || a.Follows(b) {
+		t.Fatal("padded frames reported as following each other")
+	}
+	a.Release()
+	b.Release()
+}

@@ -33,6 +33,29 @@ func (p *Page) Data() []byte {
 	return p.data
 }
 
+// Follows reports whether p's frame comes right after q's in the arena,
+// with no gap between their data: pages that follow each other form one
+// buffer (see Span), which a device moves in one I/O of a registered
+// buffer instead of a vector of pages.
+func (p *Page) Follows(q *Page) bool {
+	return p.c == q.c && p.idx == q.idx+1 && p.c.stride == p.c.blockSize
+}
+
+// Span returns the data of n pages as one slice, the first being p and each
+// following the one before (see Follows). The caller holds a reference to
+// each of them; Span panics if p's frame is not followed by n-1 frames.
+func (p *Page) Span(n int) []byte {
+	if n == 1 {
+		return p.Data()
+	}
+	c := p.c
+	if n < 1 || int(p.idx)+n > len(c.pages) || c.stride != c.blockSize {
+		panic(fmt.Sprintf("cache: Span of %d pages from frame %d", n, p.idx))
+	}
+	off := int(p.idx) * c.stride
+	return c.mem[off : off+n*c.blockSize : off+n*c.blockSize]
+}
+
 // Ref adds a reference and returns p. The caller must already hold one.
 func (p *Page) Ref() *Page {
 	if n := p.refs.Add(1); n <= 1 {

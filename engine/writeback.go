@@ -36,7 +36,7 @@ func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
 
 // writePages writes a writeback batch: pages with consecutive blocks and
 // consecutive physical blocks go out as one I/O of up to maxIOBytes,
-// ioParallel of them in flight.
+// at most ioParallel writeback I/Os of the engine in flight.
 //
 // done, if set, is called (from the I/O's goroutine) with the pages of each
 // I/O that completed, so the caller can let writers reuse their dirty budget
@@ -59,7 +59,7 @@ func (e *Engine) writePages(pages []wpage, done func([]wpage)) error {
 		mu    sync.Mutex
 		first error
 	)
-	sem := make(chan struct{}, ioParallel)
+	sem := e.wbSem
 	bs := e.bs
 	for _, r := range runs {
 		sem <- struct{}{}
@@ -68,9 +68,10 @@ func (e *Engine) writePages(pages []wpage, done func([]wpage)) error {
 			defer func() { <-sem; wg.Done() }()
 			ps := pages[r.i:r.j]
 			var err error
-			if len(ps) == 1 {
-				// A frame is aligned: write it where it is.
-				err = e.writeDev(ps[0].pg.Data(), ps[0].phys<<e.shift)
+			if n := followingFrames(ps); n == len(ps) {
+				// Frames are aligned, and these follow each other in
+				// the arena: write them where they are, as one buffer.
+				err = e.writeDev(ps[0].pg.Span(n), ps[0].phys<<e.shift)
 			} else if v, ok := e.dev.(vectorDevice); ok {
 				bufs := make([][]byte, len(ps))
 				for k, w := range ps {
@@ -97,4 +98,14 @@ func (e *Engine) writePages(pages []wpage, done func([]wpage)) error {
 	}
 	wg.Wait()
 	return first
+}
+
+// followingFrames returns how many of ps, from the first, have frames that
+// follow each other in the cache's arena.
+func followingFrames(ps []wpage) int {
+	n := 1
+	for n < len(ps) && ps[n].pg.Follows(ps[n-1].pg) {
+		n++
+	}
+	return n
 }

@@ -41,10 +41,17 @@ func NewArena(size int) (*Arena, error) {
 	}
 	page := os.Getpagesize()
 	size = (size + page - 1) / page * page
-	mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	mem, err := mapAligned(size, hugePage)
 	if err != nil {
 		return nil, fmt.Errorf("iouring: mmap arena of %d bytes: %w", size, err)
 	}
+	// Huge pages make frames that follow each other in the arena follow
+	// each other in physical memory too, so the block layer merges a
+	// 1 MiB write of 256 frames into a few segments, one request, instead
+	// of splitting it (devices take 128 segments or so), and pinning the
+	// pages for I/O walks fewer of them. Best effort: without THP the
+	// arena works the same.
+	_ = unix.Madvise(mem, unix.MADV_HUGEPAGE)
 	return &Arena{base: uintptr(unsafe.Pointer(&mem[0])), size: size, mem: mem}, nil
 }
 
@@ -109,7 +116,7 @@ func (a *Arena) Close() error {
 		return fmt.Errorf("iouring: arena still registered with %d open File(s): %w", n, syscall.EBUSY)
 	}
 	a.closed.Store(true)
-	err := unix.Munmap(a.mem)
+	err := unmapArena(a.mem)
 	a.mem = nil
 	if err != nil {
 		return fmt.Errorf("iouring: munmap arena: %w", err)
@@ -133,4 +140,39 @@ func (a *Arena) release() {
 	if a.users.Add(-1) < 0 {
 		panic("iouring: arena released more often than acquired")
 	}
+}
+
+// hugePage is the size of an x86-64/arm64 transparent huge page.
+const hugePage = 2 << 20
+
+// mapAligned maps size bytes of anonymous memory starting at a multiple of
+// align (a power of two), so that huge pages can back all of it: it maps
+// align more and gives back the unaligned head and the tail. unmapArena
+// gives the result back.
+func mapAligned(size, align int) ([]byte, error) {
+	const prot, flags = unix.PROT_READ | unix.PROT_WRITE, unix.MAP_PRIVATE | unix.MAP_ANONYMOUS
+	raw, err := unix.MmapPtr(-1, 0, nil, uintptr(size+align), prot, flags)
+	if err != nil {
+		return nil, err
+	}
+	head := -uintptr(raw) & uintptr(align-1)
+	base := unsafe.Add(raw, head)
+	if head > 0 {
+		if err := unix.MunmapPtr(raw, head); err != nil {
+			unix.MunmapPtr(raw, uintptr(size+align))
+			return nil, err
+		}
+	}
+	if tail := uintptr(align) - head; tail > 0 {
+		if err := unix.MunmapPtr(unsafe.Add(base, size), tail); err != nil {
+			unix.MunmapPtr(base, uintptr(size)+tail)
+			return nil, err
+		}
+	}
+	return unsafe.Slice((*byte)(base), size), nil
+}
+
+// unmapArena unmaps memory from mapAligned.
+func unmapArena(mem []byte) error {
+	return unix.MunmapPtr(unsafe.Pointer(unsafe.SliceData(mem)), uintptr(len(mem)))
 }

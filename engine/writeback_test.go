@@ -1,0 +1,181 @@
+package engine
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// delayDevice delays every write, so that writeback batches overlap.
+type delayDevice struct {
+	Device
+	delay time.Duration
+}
+
+func (d *delayDevice) WriteAt(p []byte, off int64) (int, error) {
+	time.Sleep(d.delay)
+	return d.Device.WriteAt(p, off)
+}
+
+// TestStreamingWriteback drives background writeback under memory pressure,
+// where a pass keeps sending batches while the earlier ones are in flight.
+// One object is appended to while a second goroutine rewrites, reads and
+// sometimes syncs the blocks just behind the appender, which are the ones
+// in flight; a third object is only appended to. Every read must match the
+// model, the pure stream must stay one extent, and the data must survive
+// Sync, Close and Open.
+func TestStreamingWriteback(t *testing.T) {
+	for _, devName := range []string{"mem", "file"} {
+		t.Run(devName, func(t *testing.T) {
+			var dev Device
+			if devName == "mem" {
+				dev = &delayDevice{Device: NewMemDevice(96<<20, 4096), delay: 200 * time.Microsecond}
+			} else {
+				dev = newTestFileDevice(t, 96<<20)
+			}
+			seed := rand.Uint64()
+			t.Logf("seed %d", seed)
+			const size = 24 << 20
+			opts := Options{CacheSize: 8 << 20, DirtyLimit: 2 << 20}
+			e := mustFormatOpen(t, dev, opts)
+			mixed, err := e.Create("mixed")
+			if err != nil {
+				t.Fatal(err)
+			}
+			pure, err := e.Create("pure")
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := rand.New(rand.NewPCG(seed, 1))
+			wantMixed := randomBytes(r, size)
+			wantPure := randomBytes(r, size)
+
+			var (
+				wg       sync.WaitGroup
+				appended atomic.Int64 // bytes of mixed written by the appender
+				modelMu  sync.Mutex   // wantMixed below appended (the rewriter's)
+				errs     = make(chan error, 3)
+			)
+			appendAll := func(o *Object, src []byte, done *atomic.Int64, chunk int) {
+				defer wg.Done()
+				for off := 0; off < len(src); off += chunk {
+					end := min(off+chunk, len(src))
+					modelMu.Lock()
+					p := bytes.Clone(src[off:end])
+					modelMu.Unlock()
+					if _, err := o.WriteAt(p, int64(off)); err != nil {
+						errs <- fmt.Errorf("append %q at %d: %w", o.Name(), off, err)
+						return
+					}
+					if done != nil {
+						done.Store(int64(end))
+					}
+				}
+			}
+			wg.Add(3)
+			go appendAll(mixed, wantMixed, &appended, 48<<10+100)
+			go appendAll(pure, wantPure, nil, 64<<10)
+			go func() {
+				defer wg.Done()
+				r := rand.New(rand.NewPCG(seed, 2))
+				buf := make([]byte, 64<<10)
+				for appended.Load() < size {
+					top := appended.Load()
+					if top < 1<<20 {
+						time.Sleep(100 * time.Microsecond)
+						continue
+					}
+					// Just behind the appender: the blocks a batch is
+					// likely writing right now.
+					n := 1 + r.Int64N(12<<10)
+					at := max(0, top-n-r.Int64N(512<<10))
+					p := randomBytes(r, int(n))
+					modelMu.Lock()
+					copy(wantMixed[at:], p)
+					modelMu.Unlock()
+					if _, err := mixed.WriteAt(p, at); err != nil {
+						errs <- fmt.Errorf("rewrite at %d: %w", at, err)
+						return
+					}
+					l := min(int64(len(buf)), top-at)
+					rd := buf[:l]
+					if _, err := mixed.ReadAt(rd, at); err != nil {
+						errs <- fmt.Errorf("read at %d: %w", at, err)
+						return
+					}
+					modelMu.Lock()
+					same := bytes.Equal(rd, wantMixed[at:at+l])
+					modelMu.Unlock()
+					if !same {
+						errs <- fmt.Errorf("read %d bytes at %d (appended %d): differs from the model", l, at, top)
+						return
+					}
+					if r.IntN(64) == 0 {
+						if err := mixed.Sync(); err != nil {
+							errs <- fmt.Errorf("sync: %w", err)
+							return
+						}
+					}
+				}
+			}()
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			check := func(stage string, e *Engine) {
+				t.Helper()
+				for _, c := range []struct {
+					name string
+					want []byte
+				}{{"mixed", wantMixed}, {"pure", wantPure}} {
+					o, err := e.Object(c.name)
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := make([]byte, len(c.want))
+					if n, err := o.ReadAt(got, 0); n != len(got) || (err != nil && n != len(got)) {
+						t.Fatalf("%s: read %q: %d bytes, %v", stage, c.name, n, err)
+					}
+					if i := firstDiff(got, c.want); i >= 0 {
+						t.Fatalf("%s: %q differs from the model at byte %d", stage, c.name, i)
+					}
+				}
+			}
+			check("before Sync", e)
+			if err := e.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if x := pure.Extents(); len(x) != 1 || x[0].State != Written {
+				t.Errorf("the appended-only object has extents %v, want one Written extent", x)
+			}
+			checkInvariants(t, e)
+			if err := e.Close(); err != nil {
+				t.Fatal(err)
+			}
+			e, err = Open(dev, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			check("after Close and Open", e)
+		})
+	}
+}
+
+// firstDiff returns the first index where a and b differ, or -1.
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
+}
