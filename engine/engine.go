@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -1117,9 +1118,13 @@ func (e *Engine) background() {
 		}
 		now := time.Now()
 		var due []*Object
-		for _, o := range e.dirtyList() {
-			if all || o.dirtyAge(now) > dirtyExpire {
-				due = append(due, o)
+		if all {
+			due = pressureList(e.dirtyList(), now)
+		} else {
+			for _, o := range e.dirtyList() {
+				if o.dirtyAge(now) > dirtyExpire {
+					due = append(due, o)
+				}
 			}
 		}
 		// An error stays with the object's dirty pages; the next Sync
@@ -1139,6 +1144,40 @@ func (e *Engine) background() {
 			_ = e.commit(false)
 		}
 	}
+}
+
+// pressureList picks the dirty objects that background writeback writes
+// under memory pressure, largest first. Objects with fewer than
+// streamBlocks dirty pages are left out, unless their data has aged or the
+// large ones hold less than half of the dirty pages: writing them relieves
+// nothing, and an object that has just begun to stream would get a tiny
+// first extent packed at the front of the device, and its next one
+// elsewhere (with eight writers, one run in eight ended with two extents
+// for one object).
+func pressureList(objs []*Object, now time.Time) []*Object {
+	type cand struct {
+		o     *Object
+		pages int
+		old   bool
+	}
+	cs := make([]cand, 0, len(objs))
+	total, large := 0, 0
+	for _, o := range objs {
+		c := cand{o: o, pages: o.dirtyPages(), old: o.dirtyAge(now) > dirtyExpire}
+		total += c.pages
+		if c.pages >= streamBlocks {
+			large += c.pages
+		}
+		cs = append(cs, c)
+	}
+	slices.SortFunc(cs, func(a, b cand) int { return cmp.Compare(b.pages, a.pages) })
+	due := make([]*Object, 0, len(cs))
+	for _, c := range cs {
+		if c.pages >= streamBlocks || c.old || 2*large < total {
+			due = append(due, c.o)
+		}
+	}
+	return due
 }
 
 // dirtyList returns the objects that have dirty pages or a writeback in
