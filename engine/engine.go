@@ -46,8 +46,8 @@ const (
 	// only makes every I/O wait longer (a loop device slows down).
 	ioParallel = 16
 	// bgWriters and syncWriters: how many objects background writeback and
-	// Sync write back at once.
-	bgWriters   = 4
+	// Sync write back at once (their device I/Os share ioParallel).
+	bgWriters   = 8
 	syncWriters = 4
 	// writeChunkBlocks bounds the blocks one WriteAt step dirties under
 	// the object lock, so readers and writeback interleave with big writes.
@@ -183,6 +183,9 @@ type Engine struct {
 
 	kick    chan struct{} // memory pressure: write back everything dirty
 	ckick   chan struct{} // the journal ring is half full: checkpoint
+	wake    chan struct{} // a stream has data to write, or a background writeback ended
+	bgSem   chan struct{} // background writebacks running (bgWriters)
+	bgWG    sync.WaitGroup
 	stop    chan struct{}
 	bgDone  chan struct{}
 	bufPool sync.Pool      // aligned maxIO buffers for bounce copies
@@ -422,6 +425,8 @@ func open(dev Device, opts Options) (*Engine, error) {
 		gen:       1,
 		kick:      make(chan struct{}, 1),
 		ckick:     make(chan struct{}, 1),
+		wake:      make(chan struct{}, 1),
+		bgSem:     make(chan struct{}, bgWriters),
 		stop:      make(chan struct{}),
 		bgDone:    make(chan struct{}),
 	}
@@ -647,7 +652,7 @@ func (e *Engine) Sync() error {
 // if any metadata changed (always when force is set).
 func (e *Engine) syncAll(force bool) error {
 	objs := e.dirtyList()
-	first := e.writebackObjects(objs, syncWriters, false)
+	first := e.writebackObjects(objs, syncWriters)
 	if first != nil {
 		for _, o := range objs {
 			o.takeWbErr()
@@ -1100,37 +1105,55 @@ func (e *Engine) kickWriteback() {
 	}
 }
 
-// background is the writeback daemon: it writes back everything dirty when
-// the cache signals pressure, and data older than dirtyExpire otherwise.
+// wakeBackground asks the writeback daemon to look again, without waiting.
+func (e *Engine) wakeBackground() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+// background is the writeback daemon. Under memory pressure it writes back
+// the dirty objects, largest first; otherwise the objects being appended to
+// in a stream (see Object.eager) and those whose dirty data is older than
+// dirtyExpire. Each object's writeback runs in its own goroutine, up to
+// bgWriters at once, so that a long streaming pass never holds up the
+// others, nor checkpoints and commits.
 func (e *Engine) background() {
 	defer close(e.bgDone)
+	defer e.bgWG.Wait()
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		var all bool
+		var pressure, ticked bool
 		select {
 		case <-e.stop:
 			return
 		case <-e.kick:
-			all = true
+			pressure = true
 		case <-e.ckick:
+		case <-e.wake:
 		case <-tick.C:
+			ticked = true
 		}
 		now := time.Now()
+		pressure = pressure || e.cache.OverBackground()
 		var due []*Object
-		if all {
+		if pressure {
 			due = pressureList(e.dirtyList(), now)
 		} else {
 			for _, o := range e.dirtyList() {
-				if o.dirtyAge(now) > dirtyExpire {
+				if o.streamDue() || o.dirtyAge(now) > dirtyExpire {
 					due = append(due, o)
 				}
 			}
 		}
-		// An error stays with the object's dirty pages; the next Sync
-		// retries and reports it.
-		_ = e.writebackObjects(due, bgWriters, all)
-		if !all {
+		for _, o := range due {
+			if !e.startWriteback(o) {
+				break // every writer is busy; one that ends wakes us
+			}
+		}
+		if ticked {
 			e.releaseIdleWindows(now)
 		}
 		// Metadata too is made durable in the background: when the ring
@@ -1144,6 +1167,38 @@ func (e *Engine) background() {
 			_ = e.commit(false)
 		}
 	}
+}
+
+// startWriteback starts a background writeback of o, unless one is
+// running already. It reports false, and starts nothing, when bgWriters
+// are running.
+func (e *Engine) startWriteback(o *Object) bool {
+	if o.bgActive.Load() {
+		return true
+	}
+	select {
+	case e.bgSem <- struct{}{}:
+	default:
+		return false
+	}
+	if !o.bgActive.CompareAndSwap(false, true) {
+		<-e.bgSem
+		return true
+	}
+	e.bgWG.Add(1)
+	go func() {
+		defer e.bgWG.Done()
+		// An error stays with the object's dirty pages; the next Sync
+		// retries and reports it.
+		err := o.writeback(o.eager.Load() || e.cache.OverBackground())
+		o.bgActive.Store(false)
+		<-e.bgSem
+		if err == nil {
+			// Look for more work now; after a failure, at the next tick.
+			e.wakeBackground()
+		}
+	}()
+	return true
 }
 
 // pressureList picks the dirty objects that background writeback writes
@@ -1193,9 +1248,8 @@ func (e *Engine) dirtyList() []*Object {
 }
 
 // writebackObjects writes back objs, at most par at a time, and returns the
-// first error. stream lets each pass go on while its object is being
-// written and dirty pages stay over the background threshold.
-func (e *Engine) writebackObjects(objs []*Object, par int, stream bool) error {
+// first error.
+func (e *Engine) writebackObjects(objs []*Object, par int) error {
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
@@ -1207,7 +1261,7 @@ func (e *Engine) writebackObjects(objs []*Object, par int, stream bool) error {
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			if err := o.writeback(stream); err != nil {
+			if err := o.writeback(false); err != nil {
 				mu.Lock()
 				first = cmpErr(first, err)
 				mu.Unlock()

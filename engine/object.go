@@ -28,6 +28,14 @@ type Object struct {
 	wbMu sync.Mutex // one writeback at a time; held by truncate/punch/remove so no I/O targets freed blocks
 	// wbWaiting counts callers waiting for wbMu (see lockWb).
 	wbWaiting atomic.Int32
+	// bgActive: a background writeback of the object is running.
+	bgActive atomic.Bool
+	// appendRun counts the bytes appended in a row, each write starting
+	// at or before the end and going past it (guarded by wmu); eager is
+	// set once it reaches eagerBytes: the object is a stream, written
+	// back as it grows (see streamDue) rather than when memory runs short.
+	appendRun int64
+	eager     atomic.Bool
 	mu        sync.RWMutex // everything below; readers hold it shared for the whole read
 	// treeMu serializes tree calls made under a shared mu: the tree's
 	// read-only methods share scratch space and are not safe in parallel.
@@ -418,6 +426,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 	// A write that starts past the end first zeroes the rest of the end's
 	// block (see zeroTailLocked). wmu keeps the size from changing.
 	o.mu.RLock()
+	oldSize := o.size
 	gap := off > o.size && o.size%bs != 0
 	o.mu.RUnlock()
 	if gap {
@@ -483,6 +492,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 		o.mu.Unlock()
 		cb = ce
 	}
+	o.noteWrite(off, int64(len(p)), oldSize)
 	return written, nil
 }
 
@@ -1139,7 +1149,7 @@ func (o *Object) writeback(stream bool) error {
 		// Batches of an eighth of the dirty limit, up to streamDepth in
 		// flight: their frames stay pinned until they complete, on top
 		// of the dirty pages writers go on making.
-		limit = max(o.e.cache.DirtyLimitPages()/8, 1)
+		limit = o.e.eagerPages()
 		minPages = max(limit/2, 1)
 		prog = make(chan struct{}, 1)
 	}
@@ -1207,7 +1217,45 @@ func (o *Object) keepStreaming() bool {
 		return false
 	default:
 	}
-	return o.wbWaiting.Load() == 0 && e.cache.OverBackground()
+	return o.wbWaiting.Load() == 0 && (o.eager.Load() || e.cache.OverBackground())
+}
+
+// eagerPages is how many dirty pages an object being appended to in a
+// stream gathers before background writeback takes them: an eighth of
+// the dirty limit, the size of a streaming writeback batch.
+func (e *Engine) eagerPages() int { return max(e.cache.DirtyLimitPages()/8, 1) }
+
+// streamDue reports whether the object is a stream with a batch's worth of
+// dirty pages and no background writeback running.
+func (o *Object) streamDue() bool {
+	if !o.eager.Load() || o.bgActive.Load() {
+		return false
+	}
+	return o.dirtyPages() >= o.e.eagerPages()
+}
+
+// noteWrite follows appending writers (wmu is held). Data appended in a
+// stream is written back as it comes, in batches of eagerPages, instead of
+// waiting for memory pressure: it is seldom rewritten, and the device
+// would otherwise idle until half the dirty limit is reached, and the
+// final Sync would find all of that still to write. Writes inside the
+// object (a block device's, a database's) keep the cache's rules: a
+// working set rewritten in place stays in memory.
+func (o *Object) noteWrite(off, n, oldSize int64) {
+	e := o.e
+	switch {
+	case off <= oldSize && off+n > oldSize:
+		o.appendRun += n
+	case off+n <= oldSize:
+		o.appendRun = 0
+	}
+	eager := o.appendRun >= int64(e.eagerPages())<<e.shift
+	if o.eager.Load() != eager {
+		o.eager.Store(eager)
+	}
+	if eager && o.streamDue() {
+		e.wakeBackground()
+	}
 }
 
 // wbBatch is one writeback batch: its pages' writes run in the

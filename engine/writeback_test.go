@@ -179,3 +179,64 @@ func firstDiff(a, b []byte) int {
 	}
 	return -1
 }
+
+// TestEagerAppendWriteback: data appended in a stream goes to the device
+// as it comes, without memory pressure and before any Sync; the same
+// amount written inside an object (a block device's working set) stays in
+// the cache until it ages, is synced or memory runs short.
+func TestEagerAppendWriteback(t *testing.T) {
+	const cacheSize = 64 << 20
+	e := mustFormatOpen(t, NewMemDevice(128<<20, 4096), Options{CacheSize: cacheSize})
+	defer e.Close()
+	// Under half the dirty limit (no pressure), over eagerPages.
+	size := int64(e.cache.DirtyLimitPages()) << e.shift * 2 / 5
+	if eager := int64(e.eagerPages()) << e.shift; size < 3*eager {
+		t.Fatalf("test needs %d bytes to be over three times eagerPages (%d bytes)", size, eager)
+	}
+	buf := bytes.Repeat([]byte{7}, 64<<10)
+	write := func(o *Object) {
+		for off := int64(0); off < size; off += int64(len(buf)) {
+			if _, err := o.WriteAt(buf, off); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	vol, err := e.Create("vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vol.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	before := e.Stats().DeviceBytesWritten
+	write(vol)
+	time.Sleep(300 * time.Millisecond)
+	if got := e.Stats().DeviceBytesWritten - before; got > 1<<20 {
+		t.Fatalf("writes inside an object, no pressure: %d bytes written to the device before a Sync", got)
+	}
+
+	// Clean again, so the stream alone is under the background threshold.
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	log, err := e.Create("log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	before = e.Stats().DeviceBytesWritten
+	write(log)
+	deadline := time.Now().Add(3 * time.Second)
+	for e.Stats().DeviceBytesWritten-before < uint64(size/2) {
+		if time.Now().After(deadline) {
+			t.Fatalf("appended %d bytes in a stream: only %d written to the device after 3 s", size, e.Stats().DeviceBytesWritten-before)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := e.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if x := log.Extents(); len(x) != 1 {
+		t.Errorf("the stream has extents %v, want one", x)
+	}
+}
