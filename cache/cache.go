@@ -153,6 +153,7 @@ type Cache struct {
 
 	clean     atomic.Int64 // indexed pages
 	evictHand atomic.Uint32
+	door      *doorkeeper // admission of loaded pages when full (see doorkeeper)
 	_         [64]byte
 
 	freeMu sync.Mutex
@@ -239,6 +240,7 @@ func New(opts Options) (*Cache, error) {
 		stride:    stride,
 		arena:     arena,
 		mem:       mem,
+		door:      newDoorkeeper(frames),
 		pages:     make([]Page, frames),
 		free:      make([]uint32, frames),
 		cleanCap:  cleanCap,

@@ -41,7 +41,9 @@ func (s *shard) detachLoad(k Key) {
 // fails nothing is cached and every waiter gets its error. fn runs without any
 // cache lock held, in the goroutine of the first caller. If k is inserted or
 // removed while fn runs, the loaded page is returned to the callers already
-// waiting but not cached, since a write may have made it stale.
+// waiting but not cached, since a write may have made it stale. When the
+// clean pages fill their capacity, a key's first recent miss is not cached
+// either (see doorkeeper); its next one is.
 //
 // Load is what a caller does after Lookup missed, so it counts nothing in
 // the hit/miss statistics or the policy's sketch: Lookup already did.
@@ -149,7 +151,7 @@ func (c *Cache) finishLoad(s *shard, k Key, call *loadCall, p *Page, err error, 
 	call.finished = true
 	call.err, call.retry = err, retry
 	if p != nil {
-		if !call.detached && !c.closed.Load() {
+		if !call.detached && !c.closed.Load() && c.admit(k.hash()) {
 			if _, ok := s.m[k]; ok {
 				s.mu.Unlock()
 				panic(fmt.Sprintf("cache: Load of %v found the key indexed although every Insert detaches the load in flight", k))
@@ -162,4 +164,11 @@ func (c *Cache) finishLoad(s *shard, k Key, call *loadCall, p *Page, err error, 
 	s.mu.Unlock()
 	close(call.done)
 	return hd
+}
+
+// admit reports whether a page loaded for a key with hash h is to be
+// cached: always while clean pages are below their capacity, else if the
+// doorkeeper saw the key miss recently.
+func (c *Cache) admit(h uint64) bool {
+	return c.clean.Load() < c.cleanCap || c.door.seen(h)
 }
