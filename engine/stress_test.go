@@ -377,7 +377,7 @@ func (r *stressRun) do(rng *rand.Rand, s *stressSlot, op int, buf, rbuf []byte) 
 		size := int64(len(s.model))
 		off := rng.Int64N(size + 8<<10 + 1)
 		p := rbuf[:1+rng.IntN(len(rbuf))]
-		if rng.IntN(20) == 0 && size <= int64(len(rbuf)) {
+		if rng.IntN(20) == 0 && size < int64(len(rbuf)) {
 			off, p = 0, rbuf[:size+1]
 		}
 		return checkRead(s.obj, s.model, p, off)
