@@ -1169,6 +1169,9 @@ func (e *Engine) background() {
 	}
 }
 
+// bgWritersBusy reports whether every background writer is running.
+func (e *Engine) bgWritersBusy() bool { return len(e.bgSem) == cap(e.bgSem) }
+
 // startWriteback starts a background writeback of o, unless one is
 // running already. It reports false, and starts nothing, when bgWriters
 // are running.

@@ -1137,9 +1137,10 @@ type wpage struct {
 // (a sixth of a sequential 1 MiB writer's time when every pass was one
 // batch). Batches complete in order, and a batch never holds a block that
 // an earlier one is still writing: two writes of one physical block in
-// flight could land in either order. The pass ends when pressure drops,
-// after maxStreamBatches, or when someone else waits for wbMu (Sync,
-// truncate, punch, remove).
+// flight could land in either order. The pass ends when pressure drops and
+// the object no longer streams, after maxStreamBatches if every background
+// writer is busy, or when someone else waits for wbMu (Sync, truncate,
+// punch, remove).
 func (o *Object) writeback(stream bool) error {
 	o.lockWb()
 	defer o.wbMu.Unlock()
@@ -1161,8 +1162,8 @@ func (o *Object) writeback(stream bool) error {
 	started, failed := 1, error(nil)
 	tryMore := stream
 	for len(queue) > 0 {
-		for tryMore && failed == nil && len(queue) < streamDepth && started < maxStreamBatches &&
-			o.dirtyPages() >= minPages && o.keepStreaming() {
+		for tryMore && failed == nil && len(queue) < streamDepth && o.dirtyPages() >= minPages &&
+			o.keepStreaming() && (started < maxStreamBatches || !o.e.bgWritersBusy()) {
 			// A batch that cannot start (no space: the next pass reports
 			// it; only blocks still in flight) waits for a batch to end.
 			nb, _ := o.startBatch(false, limit, prog)
@@ -1187,8 +1188,10 @@ func (o *Object) writeback(stream bool) error {
 const (
 	// streamDepth bounds the batches of a streaming writeback in flight.
 	streamDepth = 6
-	// maxStreamBatches bounds one streaming writeback pass, so that
-	// background writeback gets back to its other objects.
+	// maxStreamBatches bounds one streaming writeback pass while every
+	// background writer is busy, so that the other objects get their turn.
+	// Otherwise a pass goes on as long as its object streams: ending it
+	// lets the device idle while its last batches drain.
 	maxStreamBatches = 64
 )
 
