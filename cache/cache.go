@@ -152,6 +152,7 @@ type Cache struct {
 	shards [numShards]shard
 
 	clean     atomic.Int64 // indexed pages
+	stale     atomic.Int64 // policy entries left behind by Remove (see Remove)
 	evictHand atomic.Uint32
 	door      *doorkeeper // admission of loaded pages when full (see doorkeeper)
 	_         [64]byte
@@ -260,6 +261,7 @@ func New(opts Options) (*Cache, error) {
 	for i := range c.shards {
 		c.shards[i].m = make(map[Key]uint64)
 		c.shards[i].loads = make(map[Key]*loadCall)
+		c.shards[i].stale = make(map[uint64]struct{})
 	}
 	limit := dirtyPages
 	c.dirty.init(limit)

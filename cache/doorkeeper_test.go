@@ -3,6 +3,8 @@ package cache
 import (
 	"context"
 	"testing"
+
+	"github.com/dgraph-io/ristretto/v2"
 )
 
 func TestDoorkeeper(t *testing.T) {
@@ -88,5 +90,70 @@ func TestLoadAdmission(t *testing.T) {
 	load(k2)
 	if !c.admit(k2.hash()) {
 		t.Fatal("a key that missed before is not admitted")
+	}
+}
+
+// TestRemoveLeavesPolicyEntry: Remove drops a key from the index at once
+// but may leave its policy entry (counted in stale, at most a quarter of
+// the capacity); inserting the key again takes the entry back, and the
+// policy evicting a left-behind entry forgets it.
+func TestRemoveLeavesPolicyEntry(t *testing.T) {
+	c := newTestCache(t, 4096, 128, 0)
+	defer c.Close()
+	ctx := context.Background()
+	insert := func(k Key) uint64 {
+		t.Helper()
+		p, err := c.Alloc(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		stamp(p, k, 1)
+		c.Insert(k, p)
+		p.Release()
+		s := c.shardFor(k.hash())
+		s.mu.RLock()
+		defer s.mu.RUnlock()
+		return s.m[k]
+	}
+	k := Key{Obj: 5, Block: 1}
+	insert(k)
+	c.Remove(k)
+	if p := c.Lookup(k); p != nil {
+		t.Fatal("Lookup found a removed key")
+	}
+	if n := c.stale.Load(); n != 1 {
+		t.Fatalf("stale = %d after one Remove, want 1", n)
+	}
+	insert(k)
+	if n := c.stale.Load(); n != 0 {
+		t.Fatalf("stale = %d after the key came back, want 0", n)
+	}
+	p := c.Lookup(k)
+	if p == nil {
+		t.Fatal("Lookup missed a key inserted again")
+	}
+	checkStamp(t, p, k)
+	p.Release()
+
+	// The policy evicting an entry Remove left behind.
+	k2 := Key{Obj: 5, Block: 2}
+	hd2 := insert(k2)
+	c.Remove(k2)
+	c.onPolicyEvict(&ristretto.Item[policyEntry]{Key: k2.hash(), Value: policyEntry{key: k2, handle: hd2}})
+	if n := c.stale.Load(); n != 0 {
+		t.Fatalf("stale = %d after the policy evicted the left-behind entry, want 0", n)
+	}
+
+	// Never more than a quarter of the capacity is left behind.
+	for i := int64(0); i < 4*c.cleanCap; i++ {
+		k := Key{Obj: 6, Block: i}
+		insert(k)
+		c.Remove(k)
+		if n := c.stale.Load(); n > c.cleanCap/4 {
+			t.Fatalf("stale = %d, over a quarter of the capacity %d", n, c.cleanCap)
+		}
+	}
+	if st := c.Stats(); st.CleanPages != 1 {
+		t.Fatalf("%d clean pages, want 1 (k)", st.CleanPages)
 	}
 }
