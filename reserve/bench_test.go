@@ -83,6 +83,10 @@ func allocWorkload(total int64) (wants, goals []int64) {
 // makes the busy extents allocatable and coalesces them, so its ns/op
 // includes that work).
 //
+// FreeOnly and CommitOnly split Free's figure into the Free calls (the
+// overlap check and the busy entry) and the Commit that coalesces them
+// (per extent released).
+//
 // Cycle, Alloc and Free use random goals, the expensive case: a goal inside
 // a free extent splits it in three, and freeing the piece merges on both
 // sides. AppendAlloc and AppendFree are the writeback pattern instead: 16
@@ -119,7 +123,15 @@ func BenchmarkAllocFree100kFreeExtents(b *testing.B) {
 	})
 
 	const batch, streams = 1024, 16
-	run := func(b *testing.B, timeAlloc, appendGoals bool) {
+	// timed says which part of each batch runs under the timer.
+	type timed int
+	const (
+		timeAlloc      timed = iota // the Allocs
+		timeFreeCommit              // the Frees and the Commit that releases them
+		timeFree                    // the Frees alone
+		timeCommit                  // the Commit alone (ns/op is per extent released)
+	)
+	run := func(b *testing.B, what timed, appendGoals bool) {
 		s := fragmentedSpace(b, extents)
 		wants, goals := allocWorkload(s.Total())
 		var next [streams]int64 // each stream's next goal
@@ -140,7 +152,7 @@ func BenchmarkAllocFree100kFreeExtents(b *testing.B) {
 				b.Fatal(err)
 			}
 			got = got[:0]
-			if timeAlloc {
+			if what == timeAlloc {
 				t.Start()
 			}
 			for j := 0; j < m; j++ {
@@ -156,9 +168,10 @@ func BenchmarkAllocFree100kFreeExtents(b *testing.B) {
 				next[k%streams] = es[len(es)-1].End()
 				got = append(got, es...)
 			}
-			if timeAlloc {
+			switch what {
+			case timeAlloc:
 				t.Stop()
-			} else {
+			case timeFreeCommit, timeFree:
 				t.Start()
 			}
 			seq++
@@ -167,8 +180,14 @@ func BenchmarkAllocFree100kFreeExtents(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			switch what {
+			case timeFree:
+				t.Stop()
+			case timeCommit:
+				t.Start()
+			}
 			s.Commit(seq)
-			if !timeAlloc {
+			if what == timeFreeCommit || what == timeCommit {
 				t.Stop()
 			}
 			done += m
@@ -181,10 +200,12 @@ func BenchmarkAllocFree100kFreeExtents(b *testing.B) {
 			b.Fatalf("%d free extents after the run, want %d", st.FreeExtents, extents)
 		}
 	}
-	b.Run("Alloc", func(b *testing.B) { run(b, true, false) })
-	b.Run("Free", func(b *testing.B) { run(b, false, false) })
-	b.Run("AppendAlloc", func(b *testing.B) { run(b, true, true) })
-	b.Run("AppendFree", func(b *testing.B) { run(b, false, true) })
+	b.Run("Alloc", func(b *testing.B) { run(b, timeAlloc, false) })
+	b.Run("Free", func(b *testing.B) { run(b, timeFreeCommit, false) })
+	b.Run("FreeOnly", func(b *testing.B) { run(b, timeFree, false) })
+	b.Run("CommitOnly", func(b *testing.B) { run(b, timeCommit, false) })
+	b.Run("AppendAlloc", func(b *testing.B) { run(b, timeAlloc, true) })
+	b.Run("AppendFree", func(b *testing.B) { run(b, timeFreeCommit, true) })
 }
 
 // BenchmarkReserveUnreserveParallel measures the write path's accounting:
