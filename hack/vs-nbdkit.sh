@@ -30,8 +30,13 @@
 #   SIZE            region the fio runs use (default 512M); rawblockd serves
 #                   it as one export
 #   FS_SIZE         ext4 size (default 1G); TREE_MB: data copied (default 256)
-#   RAWBLOCKD_OPTS  rawblockd options for the fio runs (default "--cache 2G":
-#                   the region fits its cache as it fits nbdkit's page cache)
+#   RAWBLOCKD_OPTS  rawblockd options for the fio runs (default "--cache 4G":
+#                   the 512 MiB region stays under the engine's background
+#                   writeback threshold, half the dirty limit, as it stays
+#                   under the kernel's for nbdkit, whose page cache may use
+#                   all free memory (dirty_background_ratio 10 % of 24 GiB
+#                   here); with 2G the threshold, about 508 MiB, sits just
+#                   under the region and every rewrite is written back)
 #   RAWBLOCKD_FS_OPTS  rawblockd options for the ext4 round trip (default
 #                   "--cache 256M": the engine pins its whole cache at open,
 #                   and the round trip includes a restart)
@@ -63,7 +68,7 @@ fs_size=${FS_SIZE:-1G}
 tree_mb=${TREE_MB:-256}
 drop_caches=${DROP_CACHES:-0}
 rawblockd_env=${RAWBLOCKD_ENV:-}
-rawblockd_opts=${RAWBLOCKD_OPTS:---cache 2G}
+rawblockd_opts=${RAWBLOCKD_OPTS:---cache 4G}
 rawblockd_fs_opts=${RAWBLOCKD_FS_OPTS:---cache 256M}
 nbdkit_opts=${NBDKIT_OPTS:---threads 16}
 nbdkit_plugin=${NBDKIT_PLUGIN:-cache=default}
