@@ -319,10 +319,14 @@ func (o *Object) dirtyAge(now time.Time) time.Duration {
 // that nothing waits for memory while holding the object lock.
 type credits struct {
 	e      *Engine
-	pages  []*cache.Page
+	pages  []*cache.Page // frames in hand: pages[head:]
+	head   int
 	dirty  int
 	closed bool
 }
+
+// frames returns how many frames are in hand.
+func (c *credits) frames() int { return len(c.pages) - c.head }
 
 // grow makes sure at least n frames and n dirty credits are in hand.
 func (c *credits) grow(n int) error {
@@ -336,7 +340,7 @@ func (c *credits) grow(n int) error {
 		}
 		c.dirty += need
 	}
-	for len(c.pages) < n {
+	for c.frames() < n {
 		p, err := c.e.cache.Alloc(bgCtx)
 		if err != nil {
 			return fmt.Errorf("page cache: %w", err)
@@ -346,19 +350,25 @@ func (c *credits) grow(n int) error {
 	return nil
 }
 
-// take hands out one frame and one dirty credit.
+// take hands out one frame and one dirty credit, in the order the cache
+// gave the frames: a sequential write then gets frames that follow each
+// other in the arena, which writeback sends as one buffer.
 func (c *credits) take() *cache.Page {
-	p := c.pages[len(c.pages)-1]
-	c.pages = c.pages[:len(c.pages)-1]
+	p := c.pages[c.head]
+	c.pages[c.head] = nil
+	c.head++
+	if c.head == len(c.pages) {
+		c.pages, c.head = c.pages[:0], 0
+	}
 	c.dirty--
 	return p
 }
 
 func (c *credits) release() {
-	for _, p := range c.pages {
+	for _, p := range c.pages[c.head:] {
 		p.Release()
 	}
-	c.pages = c.pages[:0]
+	c.pages, c.head = c.pages[:0], 0
 	if c.dirty > 0 {
 		c.e.cache.ReleaseDirty(c.dirty)
 		c.dirty = 0
@@ -456,7 +466,7 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 				return written, o.notExist("write")
 			}
 			// Writeback may have taken pages since we counted.
-			if o.missingPagesLocked(cb, ce) <= len(cr.pages) {
+			if o.missingPagesLocked(cb, ce) <= cr.frames() {
 				o.ra.dropRange(&e.bufPool, cb, ce)
 				break
 			}
@@ -990,7 +1000,7 @@ func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
 	if seg.State == extenttree.Hole {
 		return nil
 	}
-	if len(cr.pages) == 0 {
+	if cr.frames() == 0 {
 		return errors.New("internal: no frame for a partial-block zero")
 	}
 	pg := cr.take()

@@ -240,3 +240,45 @@ func TestEagerAppendWriteback(t *testing.T) {
 		t.Errorf("the stream has extents %v, want one", x)
 	}
 }
+
+// TestSequentialWriteFramesFollow: a sequential writer gets frames that
+// follow each other in the arena, also after writeback has recycled them,
+// so that writeback sends its pages as one buffer per I/O.
+func TestSequentialWriteFramesFollow(t *testing.T) {
+	// A cache large enough that 2 MiB stays under eagerPages: every page
+	// is still dirty when the test looks.
+	e := mustFormatOpen(t, NewMemDevice(64<<20, 4096), Options{CacheSize: 64 << 20})
+	defer e.Close()
+	buf := bytes.Repeat([]byte{3}, 64<<10)
+	for round := 0; round < 3; round++ {
+		o, err := e.Create(fmt.Sprint("o", round))
+		if err != nil {
+			t.Fatal(err)
+		}
+		const size = 2 << 20
+		for off := int64(0); off < size; off += int64(len(buf)) {
+			if _, err := o.WriteAt(buf, off); err != nil {
+				t.Fatal(err)
+			}
+		}
+		o.mu.RLock()
+		blocks := o.dirty.Blocks(nil)
+		follow := 0
+		for i := 1; i < len(blocks); i++ {
+			if blocks[i] == blocks[i-1]+1 && o.dirty.Get(blocks[i]).Follows(o.dirty.Get(blocks[i-1])) {
+				follow++
+			}
+		}
+		o.mu.RUnlock()
+		if len(blocks) != size>>12 {
+			t.Fatalf("round %d: %d dirty blocks, want %d", round, len(blocks), size>>12)
+		}
+		if follow < len(blocks)*9/10 {
+			t.Fatalf("round %d: only %d of %d consecutive blocks have frames that follow each other", round, follow, len(blocks)-1)
+		}
+		// Write it back: the frames return to the cache for the next round.
+		if err := o.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
