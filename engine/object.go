@@ -248,7 +248,13 @@ const (
 	// stream that will keep growing.
 	streamBlocks = 32
 	raMin        = 32
-	raMax        = maxIOBytes
+	// raMax caps a readahead window. 1 MiB windows read 2.8 times what an
+	// ext4 tree read back through NBD needed (files end mid-window) and
+	// made readers wait for reads three times as long as a 256 KiB one
+	// (340 µs against 111 on a loop device): the tree's `diff -r` went
+	// from 1.38-1.41 s to 0.88-1.10 s, and 8 sequential 128 KiB readers
+	// from 466 to 897 MiB/s.
+	raMax = 256 << 10
 )
 
 // Name returns the object's name.
