@@ -145,7 +145,34 @@ type session struct {
 	// inline and dispatched count the requests served each way, for the
 	// log line at the end of the connection.
 	inline, dispatched int64
+	// payload is the write payload serveWriteFrom streams into the engine
+	// (reader only).
+	payload payloadReader
 }
+
+// payloadReader reads a write's payload from the connection for
+// Object.WriteFrom, counting what it read and keeping the connection's
+// error apart from the engine's.
+type payloadReader struct {
+	r   io.Reader
+	n   int64
+	err error
+}
+
+func (p *payloadReader) Read(b []byte) (int, error) {
+	k, err := p.r.Read(b)
+	p.n += int64(k)
+	if err != nil {
+		p.err = err
+	}
+	return k, err
+}
+
+// writeFromMin: writes at least this long (without FUA) go from the socket
+// straight into the engine's cache pages (Object.WriteFrom), served on the
+// reader: copying them into a buffer first was 40 % of the daemon's CPU
+// on 1 MiB writes.
+const writeFromMin = 64 << 10
 
 // job is a request handed to a worker with what it holds.
 type job struct {
@@ -214,6 +241,13 @@ func (se *session) serve() error {
 			c.replyError(rw, &r, errno, why, c.br.Buffered() >= requestBytes)
 			continue
 		}
+		if r.typ == cmdWrite && r.length >= writeFromMin && r.flags&cflagFUA == 0 {
+			se.inline++
+			if err := se.serveWriteFrom(r); err != nil {
+				return err
+			}
+			continue
+		}
 		if inlineClass(&r) {
 			inline := se.slow.Load() < slowLimit
 			if !inline {
@@ -255,6 +289,34 @@ func (se *session) serveInline(r request) error {
 		}
 	}
 	se.do(r, buf, true)
+	return nil
+}
+
+// serveWriteFrom serves a write on the reader, its payload going from the
+// socket into the engine (see writeFromMin).
+func (se *session) serveWriteFrom(r request) error {
+	c := se.c
+	se.payload = payloadReader{r: c.br}
+	if c.br.Buffered() < int(r.length) {
+		// About to wait for the client: answer what we can first.
+		se.rw.flush()
+		c.readSince.Store(c.s.now())
+	}
+	se.do(r, nil, true)
+	c.readSince.Store(0)
+	p := &se.payload
+	switch {
+	case p.err != nil && p.n < int64(r.length):
+		if c.isStopping() {
+			return nil
+		}
+		return fmt.Errorf("client disconnected in the payload of a %d-byte write: %w", r.length, p.err)
+	case p.n < int64(r.length):
+		// The engine refused the write before reading all of it.
+		if err := se.discard(int64(r.length) - p.n); err != nil {
+			return fmt.Errorf("discard payload of a refused write: %w", err)
+		}
+	}
 	return nil
 }
 
@@ -438,7 +500,14 @@ func (se *session) do(r request, buf *[]byte, onReader bool) {
 		}
 	case cmdWrite:
 		var wrote int
-		wrote, err = obj.WriteAt((*buf)[:n], off)
+		if buf == nil {
+			// serveWriteFrom: the payload is still in the socket.
+			var k int64
+			k, err = obj.WriteFrom(&se.payload, off, n)
+			wrote = int(k)
+		} else {
+			wrote, err = obj.WriteAt((*buf)[:n], off)
+		}
 		if err == nil && int64(wrote) != n {
 			err = fmt.Errorf("wrote %d of %d bytes: %w", wrote, n, io.ErrShortWrite)
 		}
@@ -462,6 +531,11 @@ func (se *session) do(r request, buf *[]byte, onReader bool) {
 		return
 	default:
 		panic(fmt.Sprintf("rawblockd: unvalidated command %d reached do", r.typ))
+	}
+	if buf == nil && r.typ == cmdWrite && se.payload.err != nil && se.payload.n < n {
+		// The client went away in the payload: no answer, the reader
+		// drops the connection.
+		return
 	}
 	if inlineClass(&r) {
 		se.observe(time.Since(start))

@@ -1,0 +1,234 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/rawblock/rawblock/cache"
+)
+
+// WriteFrom writes n bytes read from r at offset off: what reading them
+// into a buffer and calling WriteAt does, without the buffer. Whole blocks
+// are read from r straight into fresh frames of the page cache, which then
+// become the object's dirty pages, so each byte is copied once (by r)
+// instead of twice; a storage daemon hands its socket to WriteFrom (on
+// 1 MiB NBD writes the second copy was 40 % of the daemon's CPU).
+//
+// The write is all or nothing: if r fails or ends before n bytes, nothing
+// is written and the error is returned (io.ErrUnexpectedEOF when r ended).
+// Bytes already read from r are consumed either way. Like WriteAt, space
+// is reserved before the object changes (ErrNoSpace: nothing written), and
+// a writer above the dirty limit waits, here before reading r. A write of
+// more blocks than a quarter of the dirty limit is read into a buffer and
+// passed to WriteAt.
+func (o *Object) WriteFrom(r io.Reader, off, n int64) (int64, error) {
+	e := o.e
+	if n < 0 {
+		return 0, fmt.Errorf("%w: write of %d bytes", errInvalid, n)
+	}
+	if err := checkRange("write", off, n); err != nil {
+		return 0, err
+	}
+	if n == 0 {
+		k, err := o.WriteAt(nil, off)
+		return int64(k), err
+	}
+	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
+	if b1-b0 > int64(max(1, e.cache.DirtyLimitPages()/4)) {
+		buf := make([]byte, n)
+		if _, err := io.ReadFull(r, buf); err != nil {
+			return 0, fmt.Errorf("write %q at %d: reading the data: %w", o.name, off, err)
+		}
+		k, err := o.WriteAt(buf, off)
+		return int64(k), err
+	}
+	if err := e.enterWrite(); err != nil {
+		return 0, err
+	}
+	defer e.exit()
+
+	// Frames and dirty budget for every block, and one more for a gap's
+	// zeroing, before reading: a writer over the dirty limit waits here.
+	cr := credits{e: e}
+	defer cr.release()
+	if err := cr.grow(int(b1-b0) + 1); err != nil {
+		return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+	}
+	src, err := o.readBlocks(r, off, n, &cr)
+	defer src.release(e)
+	if err != nil {
+		return 0, fmt.Errorf("write %q at %d: reading the data: %w", o.name, off, err)
+	}
+
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	o.mu.RLock()
+	if o.removed {
+		o.mu.RUnlock()
+		return 0, o.notExist("write")
+	}
+	o.treeMu.Lock()
+	holes := o.tree.CountHoles(b0, b1-b0)
+	o.treeMu.Unlock()
+	oldSize := o.size
+	o.mu.RUnlock()
+	if holes > 0 {
+		if err := e.metaRoom(); err != nil {
+			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+		}
+	}
+	if err := e.reserve(holes); err != nil {
+		return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+	}
+	reserved := holes
+	defer func() {
+		if reserved > 0 {
+			if err := e.space.Unreserve(reserved); err != nil {
+				panic(fmt.Sprintf("rawblock: unreserve %d blocks after write: %v", reserved, err))
+			}
+		}
+	}()
+
+	o.mu.Lock()
+	used, err := o.installLocked(&src, off, n, reserved, &cr)
+	o.mu.Unlock()
+	reserved -= used
+	if err != nil {
+		return 0, err
+	}
+	o.noteWrite(off, n, oldSize)
+	return n, nil
+}
+
+// installLocked makes src the object's data at [off, off+n) and returns
+// how many reserved blocks that used. On an error the object's contents
+// and size are unchanged (a gap's zeroing past the end may have happened,
+// which reads the same).
+func (o *Object) installLocked(src *blockSource, off, n, reserved int64, cr *credits) (int64, error) {
+	e := o.e
+	if o.removed {
+		return 0, o.notExist("write")
+	}
+	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
+	bs := int64(e.bs)
+	if off > o.size && o.size%bs != 0 {
+		if err := o.zeroTailLocked(off, cr); err != nil {
+			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+		}
+	}
+	// Partial blocks at the edges first, into pages not yet installed:
+	// their read-modify-write is the only step that can fail, and nothing
+	// has changed if it does.
+	for i := range src.edges {
+		ed := &src.edges[i]
+		if ed.page = o.dirty.Get(ed.blk); ed.page != nil {
+			ed.own = false
+			continue
+		}
+		if cr.frames() == 0 {
+			panic(fmt.Sprintf("rawblock: object %q: no frame left for a partial block of a write", o.name))
+		}
+		pg := cr.take()
+		if err := o.fillBaseLocked(ed.blk, pg.Data()); err != nil {
+			pg.Release()
+			e.cache.ReleaseDirty(1)
+			return 0, fmt.Errorf("write %q at %d: read-modify-write: %w", o.name, off, err)
+		}
+		ed.page, ed.own = pg, true
+	}
+	for i := range src.edges {
+		ed := &src.edges[i]
+		copy(ed.page.Data()[ed.from:ed.to], ed.data[ed.from:ed.to])
+		if ed.own {
+			o.dirty.Set(ed.blk, ed.page)
+			e.cache.Remove(o.key(ed.blk))
+			ed.own, ed.page = false, nil
+		}
+	}
+	for i, pg := range src.full {
+		if pg == nil {
+			continue
+		}
+		b := b0 + int64(i)
+		old := o.dirty.Get(b)
+		o.dirty.Set(b, pg)
+		src.full[i] = nil
+		if old != nil {
+			// The dirty page this one replaces gives its budget back.
+			old.Release()
+			e.cache.ReleaseDirty(1)
+		} else {
+			e.cache.Remove(o.key(b))
+		}
+	}
+	o.ra.dropRange(&e.bufPool, b0, b1)
+	return o.recordLocked(b0, b1, off+n, reserved), nil
+}
+
+// blockSource is a write's data read ahead of the object lock: whole
+// blocks in fresh frames (full[i] for block b0+i, nil for a partial one),
+// partial ones in small buffers.
+type blockSource struct {
+	full  []*cache.Page
+	edges []edgeBlock
+}
+
+// edgeBlock is a block the write covers only in part: bytes [from, to) of
+// data go into page (the block's dirty page, or own: a fresh one).
+type edgeBlock struct {
+	blk      int64
+	from, to int64
+	data     []byte
+	page     *cache.Page
+	own      bool
+}
+
+// readBlocks reads the n bytes at off from r: whole blocks into frames
+// taken from cr, partial ones into buffers.
+func (o *Object) readBlocks(r io.Reader, off, n int64, cr *credits) (blockSource, error) {
+	e := o.e
+	bs := int64(e.bs)
+	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
+	src := blockSource{full: make([]*cache.Page, b1-b0)}
+	for b := b0; b < b1; b++ {
+		bStart := b * bs
+		from := max(off, bStart) - bStart
+		to := min(off+n, bStart+bs) - bStart
+		var dst []byte
+		if from == 0 && to == bs {
+			pg := cr.take()
+			src.full[b-b0] = pg
+			dst = pg.Data()
+		} else {
+			data := make([]byte, bs)
+			src.edges = append(src.edges, edgeBlock{blk: b, from: from, to: to, data: data})
+			dst = data[from:to]
+		}
+		if _, err := io.ReadFull(r, dst); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return src, err
+		}
+	}
+	return src, nil
+}
+
+// release gives back the frames not installed, with their dirty budget.
+func (s *blockSource) release(e *Engine) {
+	for i, pg := range s.full {
+		if pg != nil {
+			pg.Release()
+			e.cache.ReleaseDirty(1)
+			s.full[i] = nil
+		}
+	}
+	for i := range s.edges {
+		if ed := &s.edges[i]; ed.own && ed.page != nil {
+			ed.page.Release()
+			e.cache.ReleaseDirty(1)
+			ed.page = nil
+		}
+	}
+}
