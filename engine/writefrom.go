@@ -185,22 +185,35 @@ type edgeBlock struct {
 }
 
 // readBlocks reads the n bytes at off from r: whole blocks into frames
-// taken from cr, partial ones into buffers.
+// taken from cr, partial ones into buffers. Whole blocks whose frames
+// follow each other in the arena are read with one call into one buffer:
+// a buffered reader (rawblockd's bufio.Reader on its socket) hands a large
+// read straight to the kernel, where 4 KiB reads would each be copied out
+// of its buffer, a second copy again.
 func (o *Object) readBlocks(r io.Reader, off, n int64, cr *credits) (blockSource, error) {
 	e := o.e
 	bs := int64(e.bs)
 	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
 	src := blockSource{full: make([]*cache.Page, b1-b0)}
-	for b := b0; b < b1; b++ {
+	part := func(b int64) (from, to int64) {
 		bStart := b * bs
-		from := max(off, bStart) - bStart
-		to := min(off+n, bStart+bs) - bStart
+		return max(off, bStart) - bStart, min(off+n, bStart+bs) - bStart
+	}
+	for b := b0; b < b1; b++ {
+		if from, to := part(b); from == 0 && to == bs {
+			src.full[b-b0] = cr.take()
+		}
+	}
+	for b := b0; b < b1; {
 		var dst []byte
-		if from == 0 && to == bs {
-			pg := cr.take()
-			src.full[b-b0] = pg
-			dst = pg.Data()
+		next := b + 1
+		if pg := src.full[b-b0]; pg != nil {
+			for next < b1 && src.full[next-b0] != nil && src.full[next-b0].Follows(src.full[next-1-b0]) {
+				next++
+			}
+			dst = pg.Span(int(next - b))
 		} else {
+			from, to := part(b)
 			data := make([]byte, bs)
 			src.edges = append(src.edges, edgeBlock{blk: b, from: from, to: to, data: data})
 			dst = data[from:to]
@@ -211,6 +224,7 @@ func (o *Object) readBlocks(r io.Reader, off, n int64, cr *credits) (blockSource
 			}
 			return src, err
 		}
+		b = next
 	}
 	return src, nil
 }
