@@ -1606,9 +1606,12 @@ func (o *Object) goalLocked(start, n int64) (goal int64, cont bool) {
 
 // freshGoal places the first extent of an object. Large first flushes are
 // streams that will keep growing: they start at the beginning of the
-// largest free extent if nothing precedes it, else at its middle, so that
-// concurrent streams leave each other room to grow contiguously. Small ones
-// (under streamBlocks) pack at the front.
+// largest free extent if nothing precedes it, else so that the stream
+// before it and the new one get the same room to grow contiguously,
+// counting the allocation window the stream before already holds (the
+// plain middle gave the new stream less: 1 run in 4-8 of 8 x 64 MiB
+// appends on a 1 GiB device ended with an object 43 blocks short of its
+// room, in two extents). Small ones (under streamBlocks) pack at the front.
 func (e *Engine) freshGoal(n int64) int64 {
 	if n < streamBlocks {
 		return e.sb.DataStart
@@ -1617,7 +1620,8 @@ func (e *Engine) freshGoal(n int64) int64 {
 	if best.Len == 0 || best.Start == e.sb.DataStart {
 		return best.Start
 	}
-	return best.Start + best.Len/2
+	w := min(e.space.HeldBefore(best.Start), best.Len)
+	return best.Start + (best.Len-w)/2
 }
 
 // openWindowLocked holds free space right after physical block end for the

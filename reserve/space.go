@@ -1007,6 +1007,17 @@ func (s *Space) Stats() Stats {
 	return st
 }
 
+// HeldBefore returns how many held blocks end exactly at block b: the
+// allocation window, if any, that a free extent starting at b follows.
+func (s *Space) HeldBefore(b int64) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if start, n, ok := floor(s.held, b-1); ok && start+n == b {
+		return n
+	}
+	return 0
+}
+
 // LargestFree returns the longest allocatable free extent, the lowest one
 // among equals, or a zero Extent if nothing is allocatable. It costs two
 // index lookups, not a walk of the free extents.

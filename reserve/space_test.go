@@ -676,3 +676,21 @@ func TestSpaceConcurrent(t *testing.T) {
 		t.Fatalf("final Stats %+v", st)
 	}
 }
+
+func TestHeldBefore(t *testing.T) {
+	s, err := NewSpace(1000, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := s.HeldBefore(150); n != 0 {
+		t.Fatalf("HeldBefore with nothing held = %d", n)
+	}
+	if w := s.HoldAt(100, 50); w != (Extent{100, 50}) {
+		t.Fatalf("HoldAt = %v", w)
+	}
+	for b, want := range map[int64]int64{150: 50, 149: 0, 151: 0, 100: 0, 0: 0, 1000: 0} {
+		if n := s.HeldBefore(b); n != want {
+			t.Errorf("HeldBefore(%d) = %d, want %d", b, n, want)
+		}
+	}
+}
