@@ -406,46 +406,18 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 	bs := int64(e.bs)
 	b0, b1 := off>>e.shift, (off+int64(len(p))-1)>>e.shift+1
 
-	// Reserve: holes are the only blocks that need new space. wmu keeps
-	// other modifications out, and writeback only turns delalloc into
-	// unwritten and written, so the count can only shrink until we record.
-	o.mu.RLock()
-	if o.removed {
-		o.mu.RUnlock()
-		return 0, o.notExist("write")
+	reserved, oldSize, err := o.reserveWrite(b0, b1, off)
+	if err != nil {
+		return 0, err
 	}
-	o.treeMu.Lock()
-	holes := o.tree.CountHoles(b0, b1-b0)
-	o.treeMu.Unlock()
-	o.mu.RUnlock()
-	if holes > 0 {
-		// New space may mean new extents in the metadata.
-		if err := e.metaRoom(); err != nil {
-			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
-		}
-	}
-	if err := e.reserve(holes); err != nil {
-		return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
-	}
-	reserved := holes
-	defer func() {
-		if reserved > 0 {
-			if err := e.space.Unreserve(reserved); err != nil {
-				panic(fmt.Sprintf("rawblock: unreserve %d blocks after write: %v", reserved, err))
-			}
-		}
-	}()
+	defer e.unreserveLeft(&reserved)
 
 	cr := credits{e: e}
 	defer cr.release()
 	written := 0
 	// A write that starts past the end first zeroes the rest of the end's
 	// block (see zeroTailLocked). wmu keeps the size from changing.
-	o.mu.RLock()
-	oldSize := o.size
-	gap := off > o.size && o.size%bs != 0
-	o.mu.RUnlock()
-	if gap {
+	if off > oldSize && oldSize%bs != 0 {
 		if err := cr.grow(1); err != nil {
 			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
 		}
@@ -510,6 +482,46 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 	}
 	o.noteWrite(off, int64(len(p)), oldSize)
 	return written, nil
+}
+
+// reserveWrite reserves the space a write of blocks [b0, b1) at off
+// needs, and returns it with the object's size before the write. Holes are
+// the only blocks that need new space. wmu is held: it keeps other
+// modifications out, and writeback only turns delalloc into unwritten and
+// written, so the count can only shrink until the write records its
+// blocks.
+func (o *Object) reserveWrite(b0, b1, off int64) (holes, size int64, err error) {
+	e := o.e
+	o.mu.RLock()
+	if o.removed {
+		o.mu.RUnlock()
+		return 0, 0, o.notExist("write")
+	}
+	o.treeMu.Lock()
+	holes = o.tree.CountHoles(b0, b1-b0)
+	o.treeMu.Unlock()
+	size = o.size
+	o.mu.RUnlock()
+	if holes > 0 {
+		// New space may mean new extents in the metadata.
+		if err := e.metaRoom(); err != nil {
+			return 0, 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+		}
+	}
+	if err := e.reserve(holes); err != nil {
+		return 0, 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+	}
+	return holes, size, nil
+}
+
+// unreserveLeft gives back what is left of a write's reservation (*n,
+// which recording the write's blocks has decreased).
+func (e *Engine) unreserveLeft(n *int64) {
+	if *n > 0 {
+		if err := e.space.Unreserve(*n); err != nil {
+			panic(fmt.Sprintf("rawblock: unreserve %d blocks after write: %v", *n, err))
+		}
+	}
 }
 
 // missingPagesLocked counts the blocks of [b0, b1) without a dirty page:

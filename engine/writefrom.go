@@ -63,32 +63,11 @@ func (o *Object) WriteFrom(r io.Reader, off, n int64) (int64, error) {
 
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
-	o.mu.RLock()
-	if o.removed {
-		o.mu.RUnlock()
-		return 0, o.notExist("write")
+	reserved, oldSize, err := o.reserveWrite(b0, b1, off)
+	if err != nil {
+		return 0, err
 	}
-	o.treeMu.Lock()
-	holes := o.tree.CountHoles(b0, b1-b0)
-	o.treeMu.Unlock()
-	oldSize := o.size
-	o.mu.RUnlock()
-	if holes > 0 {
-		if err := e.metaRoom(); err != nil {
-			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
-		}
-	}
-	if err := e.reserve(holes); err != nil {
-		return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
-	}
-	reserved := holes
-	defer func() {
-		if reserved > 0 {
-			if err := e.space.Unreserve(reserved); err != nil {
-				panic(fmt.Sprintf("rawblock: unreserve %d blocks after write: %v", reserved, err))
-			}
-		}
-	}()
+	defer e.unreserveLeft(&reserved)
 
 	o.mu.Lock()
 	used, err := o.installLocked(&src, off, n, reserved, &cr)
