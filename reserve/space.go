@@ -162,8 +162,6 @@ type Space struct {
 	//     by the value Set replaces), saving the neighbour descent: Free
 	//     1168 -> 1114, 1153 -> 1252, 1162 -> 1164 in three rounds, no gain
 	//     beyond noise (commit 01b37aa, reverted).
-	//   - sorting the extents a Commit releases by block for locality: no
-	//     gain (1541-1604 -> 1569-1618 cpu-ns, noisy round).
 	//   - 8-byte by-block entries: a Map key packing end and length changes
 	//     whenever an extent loses blocks at its start, so the in-place
 	//     updates of carving and untagging would become a delete and an
@@ -629,6 +627,17 @@ func (s *Space) Commit(seq uint64) {
 	n := 0
 	for n < len(q) && q[n].seq <= seq {
 		n++
+	}
+	// Released in block order: consecutive releases then share B-tree
+	// leaves and their path, so a large commit walks the indexes with warm
+	// caches instead of jumping across them. The order does not change the
+	// result: each release coalesces with whatever is free by then, and a
+	// busy neighbour released later finds it (see lateNear). Measured in
+	// four alternating rounds of BenchmarkAllocFree100kFreeExtents: Commit
+	// 683-704 -> 647-674 ns per extent released, Free with its Commit
+	// 1036-1083 -> 995-1042.
+	if n > 1 {
+		slices.SortFunc(q[:n], func(a, b busyExtent) int { return cmp.Compare(a.Start, b.Start) })
 	}
 	for _, b := range q[:n] {
 		s.busyBlocks -= b.Len
