@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/rawblock/rawblock/engine"
 )
@@ -475,7 +476,13 @@ func (c *conn) check(ex *export, r *request) (uint32, string) {
 		}
 	case cmdRead:
 		if r.length > maxPayload {
-			return errInval, fmt.Sprintf("read of %d bytes exceeds the %d-byte limit", r.length, maxPayload)
+			// With structured replies EOVERFLOW tells the client to
+			// retry in smaller reads (the protocol's advice).
+			errno := errInval
+			if c.structured {
+				errno = errOverflow
+			}
+			return errno, fmt.Sprintf("read of %d bytes exceeds the %d-byte limit", r.length, maxPayload)
 		}
 	}
 	if r.length == 0 {
@@ -665,7 +672,12 @@ func (c *conn) replyError(rw *replyWriter, r *request, errno uint32, why string,
 		return
 	}
 	if len(why) > maxErrorMessage {
-		why = why[:maxErrorMessage]
+		// Cut at a character boundary: the message is UTF-8.
+		n := maxErrorMessage
+		for n > 0 && !utf8.RuneStart(why[n]) {
+			n--
+		}
+		why = why[:n]
 	}
 	h := make([]byte, chunkBytes+6, chunkBytes+6+len(why))
 	putChunk(h, replyFlagDone, replyTypeError, r.handle, uint32(6+len(why)))

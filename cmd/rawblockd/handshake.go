@@ -171,6 +171,14 @@ func (c *conn) handshake() (*export, error) {
 		opt := binary.BigEndian.Uint32(h[8:12])
 		length := binary.BigEndian.Uint32(h[12:16])
 		if length > maxOptionData {
+			if opt == optExportName {
+				// EXPORT_NAME has no error reply: refusing it ends the
+				// session.
+				return nil, fmt.Errorf("%w: NBD_OPT_EXPORT_NAME with %d bytes of data", errHandshake, length)
+			}
+			if opt == optSetMetaContext {
+				c.metaSet, c.metaExport = false, ""
+			}
 			if length > maxOptionDrain {
 				return nil, fmt.Errorf("%w: option %d with %d bytes of data", errHandshake, opt, length)
 			}
@@ -249,6 +257,11 @@ func (c *conn) option(opt uint32, data []byte) (*export, error) {
 			return nil, c.optReply(opt, repErrInvalid, msg("NBD_OPT_LIST takes no data"))
 		}
 		for _, name := range c.s.eng.Objects() {
+			if !utf8.ValidString(name) {
+				// NBD names are UTF-8, and GO refuses this one: an
+				// object another program made, not an export.
+				continue
+			}
 			var l [4]byte
 			binary.BigEndian.PutUint32(l[:], uint32(len(name)))
 			if err := c.optReply(opt, repServer, l[:], []byte(name)); err != nil {
@@ -386,6 +399,11 @@ func (c *conn) infoGo(opt uint32, data []byte) (*export, error) {
 // metaContext answers NBD_OPT_LIST_META_CONTEXT and
 // NBD_OPT_SET_META_CONTEXT. The one context served is base:allocation.
 func (c *conn) metaContext(opt uint32, data []byte) error {
+	if opt == optSetMetaContext {
+		// A SET replaces whatever an earlier one selected, even when it
+		// fails (the protocol says so).
+		c.metaSet, c.metaExport = false, ""
+	}
 	if !c.structured {
 		return c.optReply(opt, repErrInvalid, msg("negotiate structured replies first"))
 	}
@@ -393,7 +411,8 @@ func (c *conn) metaContext(opt uint32, data []byte) error {
 	if !ok {
 		return c.optReply(opt, repErrInvalid, msg("malformed metadata context query"))
 	}
-	if _, rep, why := c.lookup(name); rep != 0 {
+	ex, rep, why := c.lookup(name)
+	if rep != 0 {
 		return c.optReply(opt, rep, msg(why))
 	}
 	selected := false
@@ -409,8 +428,9 @@ func (c *conn) metaContext(opt uint32, data []byte) error {
 		selected = true
 	}
 	if opt == optSetMetaContext {
-		// A SET replaces whatever an earlier one selected.
-		c.metaSet, c.metaExport = selected, name
+		// The resolved name: a client that set the context for the
+		// default export ("") and then selects it gets block status.
+		c.metaSet, c.metaExport = selected, ex.name
 	}
 	if selected {
 		id := uint32(0) // LIST replies carry no usable id

@@ -28,6 +28,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/alecthomas/kong"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -315,6 +316,9 @@ func parseExports(specs []string) ([]exportSpec, error) {
 			return nil, fmt.Errorf("--export %q: want NAME=SIZE: %w", s, fs.ErrInvalid)
 		}
 		name := s[:i]
+		if !utf8.ValidString(name) {
+			return nil, fmt.Errorf("--export %q: the name is not UTF-8: %w", s, fs.ErrInvalid)
+		}
 		size, err := parseSize(s[i+1:])
 		if err != nil {
 			return nil, fmt.Errorf("--export %q: %w", s, err)
@@ -360,6 +364,9 @@ func ensureExport(eng *engine.Engine, name string, size int64) error {
 func createExport(eng *engine.Engine, name string, size int64) error {
 	if err := checkExportSize(size); err != nil {
 		return fmt.Errorf("create %q: %w", name, err)
+	}
+	if !utf8.ValidString(name) {
+		return fmt.Errorf("create %q: an export name is UTF-8 (NBD clients send it so): %w", name, fs.ErrInvalid)
 	}
 	obj, err := eng.Create(name)
 	if err != nil {

@@ -131,6 +131,7 @@ const (
 	errIO        uint32 = uint32(syscall.EIO)
 	errInval     uint32 = uint32(syscall.EINVAL)
 	errNoSpc     uint32 = uint32(syscall.ENOSPC)
+	errOverflow  uint32 = uint32(syscall.EOVERFLOW)
 	errNotSup    uint32 = uint32(syscall.ENOTSUP)
 	errShutdown  uint32 = uint32(syscall.ESHUTDOWN)
 	requestBytes        = 28 // magic, flags, type, handle, offset, length
