@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -935,5 +936,70 @@ func TestSmallDirtyLimit(t *testing.T) {
 	got := make([]byte, len(p))
 	if n, err := o.ReadAt(got, 0); n != len(p) || err != nil || !bytes.Equal(got, p) {
 		t.Fatalf("ReadAt = %d, %v", n, err)
+	}
+}
+
+// ExtentsIn is Extents cut to the blocks a range touches, for any range,
+// whatever mix of written, delalloc and hole the map holds.
+func TestExtentsIn(t *testing.T) {
+	e := mustFormatOpen(t, NewMemDevice(64<<20, 4096), Options{CacheSize: 8 << 20})
+	defer e.Close()
+	o, err := e.Create("x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(7, 8))
+	buf := make([]byte, 64<<10)
+	for i := 0; i < 200; i++ {
+		off := r.Int64N(8 << 20)
+		n := r.IntN(len(buf)) + 1
+		if _, err := o.WriteAt(buf[:n], off); err != nil {
+			t.Fatal(err)
+		}
+		switch r.IntN(20) {
+		case 0:
+			if err := o.Sync(); err != nil {
+				t.Fatal(err)
+			}
+		case 1:
+			if err := o.PunchHole(r.Int64N(8<<20), r.Int64N(256<<10)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	all := o.Extents()
+	const bs = 4096
+	for i := 0; i < 2000; i++ {
+		off, length := r.Int64N(9<<20), r.Int64N(1<<20)
+		if i%10 == 0 {
+			length = 0
+		}
+		got, err := o.ExtentsIn(off, length)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var want []Extent
+		if length > 0 {
+			lo, hi := off/bs*bs, (off+length+bs-1)/bs*bs
+			for _, x := range all {
+				s, end := max(x.Offset, lo), min(x.Offset+x.Length, hi)
+				if s >= end {
+					continue
+				}
+				c := Extent{Offset: s, Length: end - s, State: x.State, Physical: x.Physical}
+				if c.Physical >= 0 {
+					c.Physical += s - x.Offset
+				}
+				want = append(want, c)
+			}
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("ExtentsIn(%d, %d) = %+v, want %+v", off, length, got, want)
+		}
+	}
+	for _, bad := range [][2]int64{{-1, 1}, {0, -1}, {MaxObjectSize, 1}, {1, MaxObjectSize}} {
+		if _, err := o.ExtentsIn(bad[0], bad[1]); !errors.Is(err, fs.ErrInvalid) {
+			t.Fatalf("ExtentsIn(%d, %d): %v, want fs.ErrInvalid", bad[0], bad[1], err)
+		}
 	}
 }

@@ -1130,19 +1130,55 @@ func (o *Object) Extents() []Extent {
 	o.treeMu.Lock()
 	defer o.treeMu.Unlock()
 	o.tree.All(func(s extenttree.Segment) bool {
-		x := Extent{Offset: s.Start * bs, Length: s.Len * bs, Physical: -1}
-		switch s.State {
-		case extenttree.Delalloc:
-			x.State = Delalloc
-		case extenttree.Unwritten:
-			x.State, x.Physical = Unwritten, s.Phys*bs
-		case extenttree.Written:
-			x.State, x.Physical = Written, s.Phys*bs
-		}
-		out = append(out, x)
+		out = append(out, segmentExtent(s, bs))
 		return true
 	})
 	return out
+}
+
+// ExtentsIn returns the part of the object's map that overlaps the byte
+// range [off, off+length), in logical order, with the first and last
+// extents cut to the blocks the range touches; holes are left out, as in
+// Extents. Its cost follows the extents in the range, not the whole map
+// (an NBD block status asks for a small window of a large export). A
+// negative offset or length, or a range past MaxObjectSize, is
+// fs.ErrInvalid.
+func (o *Object) ExtentsIn(off, length int64) ([]Extent, error) {
+	if off < 0 || length < 0 || off > MaxObjectSize || length > MaxObjectSize-off {
+		return nil, fmt.Errorf("extents of %q in [%d, +%d): want 0 <= offset, 0 <= length, offset+length <= %d: %w",
+			o.Name(), off, length, MaxObjectSize, fs.ErrInvalid)
+	}
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if o.removed || length == 0 {
+		return nil, nil
+	}
+	bs := int64(o.e.bs)
+	first, end := off/bs, (off+length+bs-1)/bs
+	o.treeMu.Lock()
+	segs := o.tree.Lookup(nil, first, end-first)
+	o.treeMu.Unlock()
+	out := make([]Extent, 0, len(segs))
+	for _, s := range segs {
+		if s.State != extenttree.Hole {
+			out = append(out, segmentExtent(s, bs))
+		}
+	}
+	return out, nil
+}
+
+// segmentExtent is the public form of an extent tree segment.
+func segmentExtent(s extenttree.Segment, bs int64) Extent {
+	x := Extent{Offset: s.Start * bs, Length: s.Len * bs, Physical: -1}
+	switch s.State {
+	case extenttree.Delalloc:
+		x.State = Delalloc
+	case extenttree.Unwritten:
+		x.State, x.Physical = Unwritten, s.Phys*bs
+	case extenttree.Written:
+		x.State, x.Physical = Written, s.Phys*bs
+	}
+	return x
 }
 
 // wpage is one page of a writeback batch.

@@ -717,7 +717,14 @@ func (c *conn) replyBlockStatus(rw *replyWriter, ex *export, r *request) {
 		return true
 	}
 	pos := start
-	for _, x := range ex.obj.Extents() {
+	// Only the extents in the range: the cost of a query follows the
+	// window asked for, not the export's whole map.
+	xs, err := ex.obj.ExtentsIn(int64(start), int64(end-start))
+	if err != nil {
+		// check() validated the range against the export's size.
+		panic(fmt.Sprintf("rawblockd: block status [%d, %d): %v", start, end, err))
+	}
+	for _, x := range xs {
 		xs, xe := uint64(x.Offset), uint64(x.Offset+x.Length)
 		if xe <= pos {
 			continue
