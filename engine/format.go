@@ -135,9 +135,13 @@ func (s *superblock) validate() error {
 		return fmt.Errorf("device size %d holds no %d blocks of %d bytes", s.DeviceSize, s.TotalBlocks, bs)
 	case s.JournalStart != 2 || s.JournalBlocks < 1:
 		return fmt.Errorf("journal at %d+%d", s.JournalStart, s.JournalBlocks)
+	case s.JournalBlocks >= s.TotalBlocks || s.CkptBlocks >= s.TotalBlocks:
+		// Bounded before the sums below, which must not wrap around.
+		return fmt.Errorf("journal of %d and checkpoints of %d blocks on a device of %d", s.JournalBlocks, s.CkptBlocks, s.TotalBlocks)
 	case s.CkptBlocks < 1 || s.CkptStart[0] != s.JournalStart+s.JournalBlocks || s.CkptStart[1] != s.CkptStart[0]+s.CkptBlocks:
 		return fmt.Errorf("checkpoints at %d and %d, %d blocks each", s.CkptStart[0], s.CkptStart[1], s.CkptBlocks)
-	case s.DataStart != s.CkptStart[1]+s.CkptBlocks || s.DataStart >= s.TotalBlocks:
+	case s.DataStart != s.CkptStart[1]+s.CkptBlocks || s.DataStart*2 > s.TotalBlocks:
+		// Format leaves at least half the device to data.
 		return fmt.Errorf("data region at %d of %d blocks", s.DataStart, s.TotalBlocks)
 	}
 	return nil

@@ -93,6 +93,56 @@ func TestCheckpointRoundTrip(t *testing.T) {
 	}
 }
 
+// checkRegions fails unless the superblock's regions follow each other
+// inside the device: superblocks, journal, checkpoints A and B, data.
+func checkRegions(t *testing.T, s superblock) {
+	t.Helper()
+	bounds := []int64{2, s.JournalStart, s.CkptStart[0], s.CkptStart[1], s.DataStart, s.TotalBlocks}
+	for i := 1; i < len(bounds); i++ {
+		if bounds[i] < bounds[i-1] {
+			t.Fatalf("accepted regions out of order (superblocks, journal, checkpoints, data, end): %v", bounds)
+		}
+	}
+	if s.CkptStart[0]-s.JournalStart != s.JournalBlocks || s.CkptStart[1]-s.CkptStart[0] != s.CkptBlocks || s.DataStart-s.CkptStart[1] != s.CkptBlocks {
+		t.Fatalf("accepted region sizes that do not match their starts: %+v", s)
+	}
+}
+
+// Sizes whose sums wrap around int64 must not make a layout that looks
+// consistent: the data region would overlap the journal.
+func TestSuperblockRejectsWrappingLayout(t *testing.T) {
+	const maxInt64 = 1<<63 - 1
+	for _, tc := range []struct {
+		name   string
+		change func(*superblock)
+	}{
+		{"checkpoint size wraps", func(s *superblock) {
+			s.CkptBlocks = maxInt64
+			s.CkptStart[1] = s.CkptStart[0] + s.CkptBlocks
+			s.DataStart = s.CkptStart[1] + s.CkptBlocks
+		}},
+		{"journal size wraps", func(s *superblock) {
+			s.JournalBlocks = maxInt64 - 1
+			s.CkptStart[0] = s.JournalStart + s.JournalBlocks
+			s.CkptStart[1] = s.CkptStart[0] + s.CkptBlocks
+			s.DataStart = s.CkptStart[1] + s.CkptBlocks
+		}},
+		{"metadata over half the device", func(s *superblock) {
+			s.CkptBlocks = s.TotalBlocks / 4
+			s.CkptStart[1] = s.CkptStart[0] + s.CkptBlocks
+			s.DataStart = s.CkptStart[1] + s.CkptBlocks
+		}},
+	} {
+		s := testSuperblock(t)
+		tc.change(&s)
+		buf := make([]byte, superblockLen)
+		s.encode(buf)
+		if _, err := decodeSuperblock(buf); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: decode of a checksummed superblock %+v: %v, want ErrCorrupt", tc.name, s, err)
+		}
+	}
+}
+
 func FuzzDecodeSuperblock(f *testing.F) {
 	s := testSuperblock(f)
 	buf := make([]byte, 512)
@@ -110,6 +160,7 @@ func FuzzDecodeSuperblock(f *testing.F) {
 		if err := s.validate(); err != nil {
 			t.Fatalf("accepted an invalid superblock: %v", err)
 		}
+		checkRegions(t, s)
 		out := make([]byte, superblockLen)
 		s.encode(out)
 		if s2, err := decodeSuperblock(out); err != nil || s2 != s {

@@ -393,6 +393,12 @@ func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer e.exit()
+	return o.writeAt(p, off)
+}
+
+// writeAt is WriteAt inside the engine's enterWrite, on a checked range.
+func (o *Object) writeAt(p []byte, off int64) (int, error) {
+	e := o.e
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
 	if len(p) == 0 {

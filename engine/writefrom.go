@@ -19,9 +19,14 @@ import (
 // is written and the error is returned (io.ErrUnexpectedEOF when r ended).
 // Bytes already read from r are consumed either way. Like WriteAt, space
 // is reserved before the object changes (ErrNoSpace: nothing written), and
-// a writer above the dirty limit waits, here before reading r. A write of
-// more blocks than a quarter of the dirty limit is read into a buffer and
-// passed to WriteAt.
+// a writer above the dirty limit waits, here before reading r.
+//
+// Before reading r, WriteFrom refuses (nothing read) a write to a closed
+// engine or a removed object, or one whose space is not free at that
+// moment. A write of more blocks than a quarter of the dirty limit does
+// not fit the cache's frames at once: it is read into a buffer and written
+// as by WriteAt, and it may be at most MaxWriteFromBuffer bytes
+// (fs.ErrInvalid above, nothing read).
 func (o *Object) WriteFrom(r io.Reader, off, n int64) (int64, error) {
 	e := o.e
 	if n < 0 {
@@ -30,24 +35,22 @@ func (o *Object) WriteFrom(r io.Reader, off, n int64) (int64, error) {
 	if err := checkRange("write", off, n); err != nil {
 		return 0, err
 	}
-	if n == 0 {
-		k, err := o.WriteAt(nil, off)
-		return int64(k), err
-	}
-	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
-	if b1-b0 > int64(max(1, e.cache.DirtyLimitPages()/4)) {
-		buf := make([]byte, n)
-		if _, err := io.ReadFull(r, buf); err != nil {
-			return 0, fmt.Errorf("write %q at %d: reading the data: %w", o.name, off, err)
-		}
-		k, err := o.WriteAt(buf, off)
-		return int64(k), err
-	}
 	if err := e.enterWrite(); err != nil {
 		return 0, err
 	}
 	defer e.exit()
+	if n == 0 {
+		k, err := o.writeAt(nil, off)
+		return int64(k), err
+	}
+	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
+	if b1-b0 > int64(max(1, e.cache.DirtyLimitPages()/4)) {
+		return o.writeFromBuffer(r, off, n)
+	}
 
+	if err := o.checkWrite(off, n); err != nil {
+		return 0, err
+	}
 	// Frames and dirty budget for every block, and one more for a gap's
 	// zeroing, before reading: a writer over the dirty limit waits here.
 	cr := credits{e: e}
@@ -78,6 +81,48 @@ func (o *Object) WriteFrom(r io.Reader, off, n int64) (int64, error) {
 	}
 	o.noteWrite(off, n, oldSize)
 	return n, nil
+}
+
+// MaxWriteFromBuffer is the largest WriteFrom of more blocks than a
+// quarter of the cache's dirty limit (such a write is read into a buffer
+// of its size first, to stay all or nothing). rawblockd's writes are at
+// most 32 MiB.
+const MaxWriteFromBuffer = 1 << 30
+
+// checkWrite refuses, before WriteFrom reads anything, what the write
+// itself would refuse after the read: a removed object, or space the
+// device does not have now. The reservation is only a check (the write
+// makes its own); a write that takes the space in between makes this one
+// fail after all, its bytes read.
+func (o *Object) checkWrite(off, n int64) error {
+	e := o.e
+	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
+	o.wmu.Lock()
+	holes, _, err := o.reserveWrite(b0, b1, off)
+	o.wmu.Unlock()
+	if err != nil {
+		return err
+	}
+	e.unreserveLeft(&holes)
+	return nil
+}
+
+// writeFromBuffer is WriteFrom for a write too large for the cache's
+// frames: r is read into a buffer, which is then written as by WriteAt.
+func (o *Object) writeFromBuffer(r io.Reader, off, n int64) (int64, error) {
+	if n > MaxWriteFromBuffer {
+		return 0, fmt.Errorf("%w: write %q at %d: %d bytes from a reader, more than MaxWriteFromBuffer (%d) and a quarter of the cache's dirty limit",
+			errInvalid, o.name, off, n, int64(MaxWriteFromBuffer))
+	}
+	if err := o.checkWrite(off, n); err != nil {
+		return 0, err
+	}
+	buf := make([]byte, n)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return 0, fmt.Errorf("write %q at %d: reading the data: %w", o.name, off, err)
+	}
+	k, err := o.writeAt(buf, off)
+	return int64(k), err
 }
 
 // installLocked makes src the object's data at [off, off+n) and returns

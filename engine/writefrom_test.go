@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"io/fs"
 	"testing"
 	"testing/iotest"
 
@@ -136,5 +137,49 @@ func TestWriteFromFailingReader(t *testing.T) {
 	}
 	if _, err := o.WriteFrom(bytes.NewReader(nil), -1, 1); !errors.Is(err, errInvalid) {
 		t.Fatalf("negative offset: %v", err)
+	}
+}
+
+// A WriteFrom the engine refuses reads nothing from r, whatever its size:
+// after Close, on a removed object, without the space, and over
+// MaxWriteFromBuffer (an error, not an allocation of n bytes).
+func TestWriteFromRefusesBeforeReading(t *testing.T) {
+	// With a 4 MiB cache a quarter of the dirty limit is well under
+	// 8 MiB: n 64 KiB goes through frames, 8 MiB through a buffer.
+	for _, n := range []int64{64 << 10, 8 << 20} {
+		e := mustFormatOpen(t, NewMemDevice(32<<20, 4096), Options{CacheSize: 4 << 20})
+		o, err := e.Create("a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		gone, err := e.Create("gone")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Remove("gone"); err != nil {
+			t.Fatal(err)
+		}
+		refused := func(what string, o *Object, off, n int64, want error) {
+			t.Helper()
+			r := bytes.NewReader(make([]byte, 1<<20))
+			k, err := o.WriteFrom(r, off, n)
+			if k != 0 || !errors.Is(err, want) || r.Len() != 1<<20 {
+				t.Fatalf("%s (n %d): WriteFrom = %d, %v, read %d bytes; want 0, %v, none read", what, n, k, err, 1<<20-r.Len(), want)
+			}
+		}
+		refused("removed", gone, 0, n, fs.ErrNotExist)
+		refused("huge", o, 0, 1<<49, fs.ErrInvalid)
+		refused("over the buffer limit", o, 0, MaxWriteFromBuffer+1, fs.ErrInvalid)
+		// Fill the device but for less than n.
+		st := e.Stats()
+		fill := make([]byte, (st.FreeBytes-st.ReservedBytes-n/2)/4096*4096)
+		if _, err := o.WriteAt(fill, 0); err != nil {
+			t.Fatal(err)
+		}
+		refused("no space", o, int64(len(fill)), n, ErrNoSpace)
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+		refused("after Close", o, 0, n, ErrClosed)
 	}
 }
