@@ -1003,3 +1003,57 @@ func TestExtentsIn(t *testing.T) {
 		}
 	}
 }
+
+// Truncate and PunchHole read the partial blocks they zero before they
+// change anything: when that read fails, the call fails and the object's
+// size and contents are as before.
+func TestPartialZeroReadFailureChangesNothing(t *testing.T) {
+	const bs = 4096
+	for _, tc := range []struct {
+		name string
+		op   func(o *Object) error
+	}{
+		{"truncate", func(o *Object) error { return o.Truncate(5*bs + 100) }},
+		{"punch", func(o *Object) error { return o.PunchHole(bs+100, 4*bs) }},
+		{"punch inside a block", func(o *Object) error { return o.PunchHole(2*bs+10, 100) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := NewFaultDevice(32<<20, 512)
+			e := mustFormatOpen(t, dev, Options{CacheSize: 4 << 20})
+			defer e.Close()
+			o, err := e.Create("a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			data := make([]byte, 10*bs)
+			for i := range data {
+				data[i] = byte(i*7 + 1)
+			}
+			if _, err := o.WriteAt(data, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := o.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			// Written and clean, out of the cache: the edge must be read.
+			e.cache.RemoveRange(o.id, 0, 10)
+			if err := dev.Inject(Fault{Op: FaultRead, Times: -1, Err: syscall.EIO}); err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.op(o); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("%s with failing reads: %v, want EIO", tc.name, err)
+			}
+			dev.ClearFaults()
+			if o.Size() != int64(len(data)) {
+				t.Fatalf("size %d after the failed %s, want %d", o.Size(), tc.name, len(data))
+			}
+			got := make([]byte, len(data))
+			if _, err := o.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, data) {
+				t.Fatalf("contents changed by the failed %s", tc.name)
+			}
+		})
+	}
+}

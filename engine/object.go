@@ -909,14 +909,19 @@ func (o *Object) Truncate(size int64) error {
 	if size < o.size {
 		bs := int64(e.bs)
 		nb := (size + bs - 1) / bs
-		if err := o.truncateBlocksLocked(nb); err != nil {
-			return err
-		}
+		// The new end's block is read before anything is dropped.
+		var z partialZero
 		if r := size % bs; r != 0 {
-			if err := o.zeroPartialLocked(nb-1, r, bs, &cr); err != nil {
+			var err error
+			if z, err = o.prepareZeroLocked(nb-1, r, bs, &cr); err != nil {
 				return fmt.Errorf("truncate %q: %w", o.name, err)
 			}
 		}
+		if err := o.truncateBlocksLocked(nb); err != nil {
+			o.dropZero(&z)
+			return err
+		}
+		o.applyZeroLocked(&z)
 		o.releaseWindowLocked()
 	} else if err := o.zeroTailLocked(size, &cr); err != nil {
 		return fmt.Errorf("truncate %q: %w", o.name, err)
@@ -984,6 +989,29 @@ func (o *Object) PunchHole(off, length int64) error {
 	}
 	bs := int64(e.bs)
 	first, last := (off+bs-1)/bs, end/bs // whole blocks [first, last)
+	// The partial blocks at either end (one block may be both) are read
+	// before anything changes.
+	var edges [2]partialZero
+	defer func() {
+		for i := range edges {
+			o.dropZero(&edges[i])
+		}
+	}()
+	if hb := off / bs; off%bs != 0 || end < (hb+1)*bs {
+		to := min(end, (hb+1)*bs) - hb*bs
+		z, err := o.prepareZeroLocked(hb, off%bs, to, &cr)
+		if err != nil {
+			return fmt.Errorf("punch %q: %w", o.name, err)
+		}
+		edges[0] = z
+	}
+	if end%bs != 0 && end/bs != off/bs {
+		z, err := o.prepareZeroLocked(end/bs, 0, end%bs, &cr)
+		if err != nil {
+			return fmt.Errorf("punch %q: %w", o.name, err)
+		}
+		edges[1] = z
+	}
 	if first < last {
 		freed, dropped, err := o.tree.Punch(nil, first, last-first)
 		if err != nil {
@@ -996,17 +1024,8 @@ func (o *Object) PunchHole(off, length int64) error {
 		})
 		e.cache.RemoveRange(o.id, first, last-first)
 	}
-	// Edges: the partial blocks at either end (one block may be both).
-	if hb := off / bs; off%bs != 0 || end < (hb+1)*bs {
-		to := min(end, (hb+1)*bs) - hb*bs
-		if err := o.zeroPartialLocked(hb, off%bs, to, &cr); err != nil {
-			return fmt.Errorf("punch %q: %w", o.name, err)
-		}
-	}
-	if end%bs != 0 && end/bs != off/bs {
-		if err := o.zeroPartialLocked(end/bs, 0, end%bs, &cr); err != nil {
-			return fmt.Errorf("punch %q: %w", o.name, err)
-		}
+	for i := range edges {
+		o.applyZeroLocked(&edges[i])
 	}
 	return nil
 }
@@ -1014,30 +1033,71 @@ func (o *Object) PunchHole(off, length int64) error {
 // zeroPartialLocked zeroes bytes [from, to) of block b. A hole is already
 // zero; a written block gets a dirty copy (no new space needed).
 func (o *Object) zeroPartialLocked(b, from, to int64, cr *credits) error {
-	o.ra.dropRange(&o.e.bufPool, b, b+1)
-	if pg := o.dirty.Get(b); pg != nil {
-		clear(pg.Data()[from:to])
-		return nil
+	z, err := o.prepareZeroLocked(b, from, to, cr)
+	if err != nil {
+		return err
+	}
+	o.applyZeroLocked(&z)
+	return nil
+}
+
+// partialZero is a partial block to zero, its page made ready before the
+// call that zeroes it changes anything: reading a written block is the one
+// step that can fail, and Truncate and PunchHole then fail with nothing
+// changed.
+type partialZero struct {
+	b, from, to int64
+	pg          *cache.Page // nil: a hole, already zero
+	own         bool        // pg is a fresh frame, not yet the dirty page
+}
+
+// prepareZeroLocked gets block b's page for zeroing [from, to): its dirty
+// page, or a frame from cr holding its data.
+func (o *Object) prepareZeroLocked(b, from, to int64, cr *credits) (partialZero, error) {
+	z := partialZero{b: b, from: from, to: to}
+	if z.pg = o.dirty.Get(b); z.pg != nil {
+		return z, nil
 	}
 	var arr [1]extenttree.Segment
-	seg := o.tree.Lookup(arr[:0], b, 1)[0]
-	if seg.State == extenttree.Hole {
-		return nil
+	if o.tree.Lookup(arr[:0], b, 1)[0].State == extenttree.Hole {
+		return z, nil
 	}
 	if cr.frames() == 0 {
-		return errors.New("internal: no frame for a partial-block zero")
+		panic(fmt.Sprintf("rawblock: object %q: no frame for a partial-block zero", o.name))
 	}
 	pg := cr.take()
 	if err := o.fillBaseLocked(b, pg.Data()); err != nil {
 		pg.Release()
 		o.e.cache.ReleaseDirty(1)
-		return err
+		return z, err
 	}
-	clear(pg.Data()[from:to])
-	o.dirty.Set(b, pg)
-	o.e.cache.Remove(o.key(b))
-	o.markDirtyLocked()
-	return nil
+	z.pg, z.own = pg, true
+	return z, nil
+}
+
+// applyZeroLocked zeroes what z prepared and makes its page dirty.
+func (o *Object) applyZeroLocked(z *partialZero) {
+	o.ra.dropRange(&o.e.bufPool, z.b, z.b+1)
+	if z.pg == nil {
+		return
+	}
+	clear(z.pg.Data()[z.from:z.to])
+	if z.own {
+		o.dirty.Set(z.b, z.pg)
+		o.e.cache.Remove(o.key(z.b))
+		o.markDirtyLocked()
+		z.own = false
+	}
+	z.pg = nil
+}
+
+// dropZero gives back the frame of a prepared zeroing not applied.
+func (o *Object) dropZero(z *partialZero) {
+	if z.own {
+		z.pg.Release()
+		o.e.cache.ReleaseDirty(1)
+	}
+	z.pg, z.own = nil, false
 }
 
 // truncateBlocksLocked drops every block at and past nb: pages, delalloc
