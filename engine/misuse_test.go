@@ -138,10 +138,13 @@ func TestMisuseRanges(t *testing.T) {
 		if n, err := o.WriteAt(p, off); n != 0 || !errors.Is(err, fs.ErrInvalid) {
 			t.Errorf("WriteAt(3 bytes at %d) = %d, %v; want 0, fs.ErrInvalid", off, n, err)
 		}
-		if off < 0 || off > lim-int64(len(buf)) {
-			if n, err := o.ReadAt(buf, off); n != 0 || !errors.Is(err, fs.ErrInvalid) {
-				t.Errorf("ReadAt(16 bytes at %d) = %d, %v; want 0, fs.ErrInvalid", off, n, err)
-			}
+		// A read past the end is io.EOF at any offset, as for a file.
+		wantErr := io.EOF
+		if off < 0 {
+			wantErr = fs.ErrInvalid
+		}
+		if n, err := o.ReadAt(buf, off); n != 0 || !errors.Is(err, wantErr) {
+			t.Errorf("ReadAt(16 bytes at %d) = %d, %v; want 0, %v", off, n, err, wantErr)
 		}
 	}
 	for _, size := range []int64{-1, math.MinInt64, lim + 1, math.MaxInt64} {

@@ -589,11 +589,13 @@ func (o *Object) fillBaseLocked(b int64, buf []byte) error {
 }
 
 // ReadAt reads len(p) bytes at off (io.ReaderAt): fewer only at the end of
-// the object, with io.EOF.
+// the object, with io.EOF. Like a file's, any offset at or past the end
+// reads 0 bytes and io.EOF, however large; a negative offset is
+// fs.ErrInvalid.
 func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	e := o.e
-	if err := checkRange("read", off, int64(len(p))); err != nil {
-		return 0, err
+	if off < 0 {
+		return 0, fmt.Errorf("%w: read: negative offset %d", errInvalid, off)
 	}
 	if err := e.enter(); err != nil {
 		return 0, err
