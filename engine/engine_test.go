@@ -276,7 +276,12 @@ func runModel(rt *rapid.T, dev Device) {
 	if err := Format(dev, FormatOptions{BlockSize: bsz}); err != nil {
 		rt.Fatal(err)
 	}
+	// Either a 4 MiB cache with a 1 MiB dirty limit, or the smallest the
+	// block size allows, where every few writes go through writeback.
 	opts := Options{CacheSize: 4 << 20, DirtyLimit: 1 << 20}
+	if rapid.Bool().Draw(rt, "tiny cache") {
+		opts = Options{CacheSize: max(1<<20, 160*int64(bsz))}
+	}
 	e, err := Open(dev, opts)
 	if err != nil {
 		rt.Fatal(err)
