@@ -290,6 +290,21 @@ func (s *Space) Reserve(n int64) error { return s.acct.Reserve(n) }
 // no lock.
 func (s *Space) Unreserve(n int64) error { return s.acct.Unreserve(n) }
 
+// Consume turns n reserved blocks into allocated ones, like
+// Accountant.Consume, and takes them out of the free space so that the
+// trees and the counts stay in step: it is Alloc(n, 0) for a caller that
+// counts space and does not need to know where the blocks are (they come
+// back only through Free of extents the caller learns otherwise). The
+// engine allocates with Alloc, which consumes its reservation itself.
+// More than is reserved is ErrInvalid and changes nothing.
+func (s *Space) Consume(n int64) error {
+	if n <= 0 {
+		return checkCount("consume", n)
+	}
+	_, err := s.Alloc(n, 0)
+	return err
+}
+
 // Counts returns the accounting counts without taking the lock.
 func (s *Space) Counts() Counts { return s.acct.Snapshot() }
 

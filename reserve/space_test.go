@@ -694,3 +694,35 @@ func TestHeldBefore(t *testing.T) {
 		}
 	}
 }
+
+// Space.Consume is the accounting half of Alloc: reserved blocks become
+// allocated, taken from the free space, and the trees agree with the counts.
+func TestSpaceConsume(t *testing.T) {
+	s, err := NewAllocator(100, []Extent{{Start: 10, Len: 5}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Consume(1); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("Consume without a reservation: %v, want ErrInvalid", err)
+	}
+	if err := s.Reserve(20); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Consume(21); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("Consume over the reservation: %v, want ErrInvalid", err)
+	}
+	if err := s.Consume(12); err != nil {
+		t.Fatal(err)
+	}
+	if c := s.Counts(); c.Allocated != 17 || c.Reserved != 8 || c.Free+c.Reserved+c.Allocated != c.Total {
+		t.Fatalf("counts after Consume(12): %+v", c)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []int64{0, -1} {
+		if err := s.Consume(n); err == nil && n < 0 {
+			t.Fatalf("Consume(%d) accepted", n)
+		}
+	}
+}
