@@ -647,17 +647,19 @@ func (e *Engine) Sync() error {
 	if e.readOnly {
 		return nil
 	}
-	return e.syncAll(false)
+	return e.syncAll(false, seenByEngine)
 }
 
 // syncAll writes back every dirty object, flushes, and writes a checkpoint
-// if any metadata changed (always when force is set).
-func (e *Engine) syncAll(force bool) error {
+// if any metadata changed (always when force is set). It reports the
+// writeback failures that the observers in who have not seen (see
+// takeWbErr).
+func (e *Engine) syncAll(force bool, who uint8) error {
 	objs := e.dirtyList()
 	first := e.writebackObjects(objs, syncWriters)
 	if first != nil {
 		for _, o := range objs {
-			o.takeWbErr()
+			o.takeWbErr(who)
 		}
 		return first
 	}
@@ -667,7 +669,7 @@ func (e *Engine) syncAll(force bool) error {
 	// Report, once, writeback failures whose pages have been written since.
 	all := e.objectList()
 	for _, o := range all {
-		if err := o.takeWbErr(); err != nil {
+		if err := o.takeWbErr(who); err != nil {
 			first = cmpErr(first, fmt.Errorf("an earlier writeback failed (its data has been written again since): %w", err))
 		}
 	}
@@ -1070,7 +1072,7 @@ func (e *Engine) Close() error {
 	e.raWG.Wait()
 	var err error
 	if !e.readOnly {
-		err = e.syncAll(true)
+		err = e.syncAll(true, seenByEngine)
 		if err == nil {
 			// Everything was written back: no reservation may remain.
 			if sp := e.space.Stats(); sp.Reserved != 0 {
@@ -1336,7 +1338,7 @@ func (e *Engine) reserve(n int64) error {
 	}
 	e.spacePressure()
 	e.releaseAllWindows()
-	if serr := e.syncAll(false); serr != nil {
+	if serr := e.syncAll(false, 0); serr != nil {
 		return fmt.Errorf("%w: %d blocks wanted (writeback before retry failed: %w)", ErrNoSpace, n, serr)
 	}
 	if err := e.space.Reserve(n); err != nil {

@@ -1062,3 +1062,59 @@ func TestPartialZeroReadFailureChangesNothing(t *testing.T) {
 		})
 	}
 }
+
+// A one-shot EIO at writeback is reported once to each observer: the
+// object's Sync, and the engine (its Sync, or Close when no engine Sync
+// came first), though the retry wrote the data.
+func TestOneShotWritebackErrorReachesEachObserver(t *testing.T) {
+	for _, engineSync := range []bool{true, false} {
+		dev := NewFaultDevice(32<<20, 512)
+		e := mustFormatOpen(t, dev, Options{CacheSize: 4 << 20})
+		o, err := e.Create("a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		data := bytes.Repeat([]byte{7}, 64<<10)
+		if _, err := o.WriteAt(data, 0); err != nil {
+			t.Fatal(err)
+		}
+		dev.FailOn(FaultWrite, 1, syscall.EIO)
+		if err := o.Sync(); !errors.Is(err, syscall.EIO) {
+			t.Fatalf("Object.Sync with a failing write: %v, want EIO", err)
+		}
+		if err := o.Sync(); err != nil {
+			t.Fatalf("second Object.Sync: %v, want nil (reported once)", err)
+		}
+		if engineSync {
+			if err := e.Sync(); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("Engine.Sync after the object's: %v, want EIO", err)
+			}
+			if err := e.Sync(); err != nil {
+				t.Fatalf("second Engine.Sync: %v, want nil", err)
+			}
+			if err := e.Close(); err != nil {
+				t.Fatalf("Close after Engine.Sync reported: %v", err)
+			}
+		} else if err := e.Close(); !errors.Is(err, syscall.EIO) {
+			t.Fatalf("Close with no Engine.Sync after the failure: %v, want EIO", err)
+		}
+		e, err = Open(dev, Options{CacheSize: 4 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o, err = e.Object("a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(data))
+		if _, err := o.ReadAt(got, 0); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("after reopen: %v, data equal %v", err, bytes.Equal(got, data))
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -56,7 +56,8 @@ type Object struct {
 	dirtySince time.Time
 	lastFlush  time.Time
 	window     reserve.Extent // speculative preallocation after the last extent
-	wbErr      error          // a writeback failure not yet reported by a Sync
+	wbErr      error          // the last writeback failure, until every observer has reported it
+	wbUnseen   uint8          // the observers (seenBy*) that have not reported wbErr
 	// sizeGen and sizeOff locate this object's size operation in the
 	// pending journal batch of generation sizeGen (guarded by e.jmu).
 	sizeGen uint64
@@ -1174,13 +1175,13 @@ func (o *Object) Sync() error {
 		return nil
 	}
 	if err := o.writeback(false); err != nil {
-		o.takeWbErr()
+		o.takeWbErr(seenByObjectSync)
 		return fmt.Errorf("sync %q: %w", o.name, err)
 	}
 	if err := e.commit(false); err != nil {
 		return fmt.Errorf("sync %q: %w", o.name, err)
 	}
-	if err := o.takeWbErr(); err != nil {
+	if err := o.takeWbErr(seenByObjectSync); err != nil {
 		return fmt.Errorf("sync %q: an earlier writeback failed (its data has been written again since): %w", o.name, err)
 	}
 	return nil
@@ -1567,7 +1568,7 @@ func (o *Object) finishBatch(b *wbBatch, more bool) error {
 	if err != nil {
 		o.markDirtyLocked()
 		err = fmt.Errorf("writeback %q: %w", o.name, err)
-		o.wbErr = err
+		o.wbErr, o.wbUnseen = err, seenByAll
 		e.writebackFailed(err)
 		return err
 	}
@@ -1595,14 +1596,31 @@ func (o *Object) finishBatch(b *wbBatch, more bool) error {
 	return nil
 }
 
-// takeWbErr returns, once, the error of a writeback that failed since
-// the last Sync: the pages were kept and written again since, but a Sync
-// reports every failure at least once.
-func (o *Object) takeWbErr() error {
+// Observers of writeback failures. Like the kernel's per-file error
+// sequence, each one reports a failure once, whatever the other did: the
+// object's Sync, and the engine (its Sync, or Close if no engine Sync came
+// first), each return the error of a writeback that failed since they last
+// looked, even when the pages were written again since (a one-shot device
+// error, retried by the other's Sync).
+const (
+	seenByObjectSync uint8 = 1 << iota
+	seenByEngine
+	seenByAll = seenByObjectSync | seenByEngine
+)
+
+// takeWbErr returns, once for each of the observers in who, the error of
+// a writeback that failed since they last looked.
+func (o *Object) takeWbErr(who uint8) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	if o.wbUnseen&who == 0 {
+		return nil
+	}
 	err := o.wbErr
-	o.wbErr = nil
+	o.wbUnseen &^= who
+	if o.wbUnseen == 0 {
+		o.wbErr = nil
+	}
 	return err
 }
 
