@@ -50,9 +50,11 @@ var ErrBusy = errors.New("reserve: free space is busy or held")
 // spendable and reserved counts into one 64-bit word (see Accountant).
 const MaxTotal = 1<<48 - 1
 
-// DefaultMaxExtent is the default cap on the length of one allocated extent:
-// 1<<18 blocks, 1 GiB at 4 KiB. Longer allocations return several extents.
-const DefaultMaxExtent = 1 << 18
+// DefaultMaxExtent is the default cap on the length of one allocated
+// extent: none (MaxTotal), so that Alloc returns one extent of exactly the
+// blocks asked for whenever a free extent is large enough. SetMaxExtent
+// sets a cap, for a caller whose extents have a length limit.
+const DefaultMaxExtent = MaxTotal
 
 // Extent is a run of blocks [Start, Start+Len).
 type Extent struct {

@@ -324,6 +324,12 @@ func TestAllocMaxExtent(t *testing.T) {
 	if got := s.MaxExtent(); got != DefaultMaxExtent {
 		t.Fatalf("MaxExtent %d, want default %d", got, DefaultMaxExtent)
 	}
+	// Without a cap, one extent of exactly the length asked for, however
+	// long, when a free extent holds it.
+	big := newSpace(t, 1<<30)
+	if got := alloc(t, big, 1<<29+5, 0); !slices.Equal(got, []Extent{{0, 1<<29 + 5}}) {
+		t.Fatalf("Alloc(2^29+5) of a free 2^30 = %v, want one extent", got)
+	}
 	if err := s.SetMaxExtent(4); err != nil {
 		t.Fatal(err)
 	}
