@@ -20,6 +20,7 @@ type cli struct {
 	Suite          suiteCmd          `cmd:"" default:"withargs" help:"Run the short default suite on a temporary file (what bench does without arguments)."`
 	Raw            rawCmd            `cmd:"" help:"Benchmark the raw device with O_DIRECT I/O, fio-style (io_uring or pread/pwrite)."`
 	Run            runCmd            `cmd:"" help:"Run a workload through the engine: objects, page cache, delayed allocation."`
+	Format         formatCmd         `cmd:"" help:"Write an empty rawblock layout to a device (everything on it is lost)."`
 	Fsck           fsckCmd           `cmd:"" help:"Check a formatted device's metadata, read-only; exit status 1 on any problem."`
 	Inspect        inspectCmd        `cmd:"" help:"Print a formatted device's layout, checkpoint, journal and objects, read-only."`
 	Durability     durabilityCmd     `cmd:"" help:"Measure Sync latency, concurrent Syncs, journal bytes per Sync and recovery time (formats the device)."`
