@@ -128,6 +128,7 @@ type Space struct {
 	// sequence order as the journal is written, so adding one is nearly
 	// always an append; an out-of-order sequence is inserted in place.
 	busyQueue  []busyExtent
+	sortKeys   []uint64 // Commit's scratch space
 	busyHead   int
 	busyBlocks int64
 
@@ -651,12 +652,27 @@ func (s *Space) Commit(seq uint64) {
 	// four alternating rounds of BenchmarkAllocFree100kFreeExtents: Commit
 	// 683-704 -> 647-674 ns per extent released, Free with its Commit
 	// 1036-1083 -> 995-1042.
-	if n > 1 {
+	// The order is sorted as packed keys, start and position (starts are
+	// below 2^48), cheaper than moving the entries themselves.
+	switch {
+	case n > 1 && n <= 1<<(64-startBits):
+		keys := s.sortKeys[:0]
+		for i, b := range q[:n] {
+			keys = append(keys, uint64(b.Start)<<(64-startBits)|uint64(i))
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			b := q[k&(1<<(64-startBits)-1)]
+			s.busyBlocks -= b.Len
+			s.release(b)
+		}
+		s.sortKeys = keys[:0]
+	default:
 		slices.SortFunc(q[:n], func(a, b busyExtent) int { return cmp.Compare(a.Start, b.Start) })
-	}
-	for _, b := range q[:n] {
-		s.busyBlocks -= b.Len
-		s.release(b)
+		for _, b := range q[:n] {
+			s.busyBlocks -= b.Len
+			s.release(b)
+		}
 	}
 	s.busyHead += n
 	// Reuse the queue's space once the popped front dominates it.
