@@ -655,20 +655,28 @@ func (r *Ring) Close() error {
 	if r.closed {
 		return ErrClosed
 	}
-	r.tail = atomic.LoadUint32(r.sqHead) // drop what was never consumed
+	// Prepared requests are dropped only once Close succeeds: a Close that
+	// fails leaves the ring as it was, those requests included (the next
+	// enter publishes them again).
+	prepared := r.tail
+	r.tail = atomic.LoadUint32(r.sqHead)
 	for r.inflight > 0 {
 		if _, err := r.enter(r.inflight, 0); err != nil {
 			if errors.Is(err, ErrBusy) {
 				r.Reap(func(uint64, int32) {})
 				continue
 			}
+			r.tail = prepared
 			return fmt.Errorf("iouring: close: draining %d requests in flight: %w", r.inflight, err)
 		}
 		r.Reap(func(uint64, int32) {})
 	}
 	var err error
 	if len(r.fixed) > 0 {
-		err = r.UnregisterBuffers()
+		if err = r.UnregisterBuffers(); errors.Is(err, ErrWrongThread) {
+			r.tail = prepared
+			return fmt.Errorf("iouring: close: %w", err)
+		}
 	}
 	r.closed = true
 	r.unmap()

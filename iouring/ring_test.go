@@ -463,3 +463,41 @@ func TestArena(t *testing.T) {
 		}
 	}
 }
+
+// A Close from the wrong thread of a SINGLE_ISSUER ring fails and leaves
+// the ring as it was: a request prepared before it is still there, and
+// Close from the right thread then works.
+func TestCloseWrongThreadKeepsPrepared(t *testing.T) {
+	r := lockedRing(t, 8)
+	if !r.SingleIssuer() {
+		t.Skip("no SINGLE_ISSUER")
+	}
+	if err := r.PrepNop(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Submit(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.PrepNop(2); err != nil { // prepared, not submitted
+		t.Fatal(err)
+	}
+	errc := make(chan error)
+	go func() { errc <- r.Close() }() // another goroutine, another OS thread
+	if err := <-errc; !errors.Is(err, ErrWrongThread) {
+		t.Fatalf("Close from another thread: %v, want ErrWrongThread", err)
+	}
+	if r.Pending() != 1 {
+		t.Fatalf("after the failed Close: %d requests prepared, want 1", r.Pending())
+	}
+	if _, err := r.Submit(2); err != nil {
+		t.Fatal(err)
+	}
+	seen := 0
+	r.Reap(func(uint64, int32) { seen++ })
+	if seen != 2 {
+		t.Fatalf("%d completions after the failed Close, want 2", seen)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
