@@ -18,6 +18,10 @@ import (
 // uint16, and no sane cache needs more than this anyway.
 const maxArena = 1 << 40
 
+// maxRegBuffers is the kernel's limit on registered buffers per ring
+// (IORING_MAX_REG_BUFFERS).
+const maxRegBuffers = 1 << 14
+
 // Arena is page-aligned anonymous memory mapped outside the Go heap: the GC
 // neither scans nor frees it, so the kernel may keep writing into it for as
 // long as a request is in flight, and it can be registered with io_uring
@@ -27,6 +31,7 @@ const maxArena = 1 << 40
 type Arena struct {
 	base   uintptr // immutable
 	size   int     // immutable
+	chunk  int     // immutable: the size of each registered buffer (see chunks)
 	mu     sync.Mutex
 	mem    []byte
 	closed atomic.Bool
@@ -52,7 +57,7 @@ func NewArena(size int) (*Arena, error) {
 	// pages for I/O walks fewer of them. Best effort: without THP the
 	// arena works the same.
 	_ = unix.Madvise(mem, unix.MADV_HUGEPAGE)
-	return &Arena{base: uintptr(unsafe.Pointer(&mem[0])), size: size, mem: mem}, nil
+	return &Arena{base: uintptr(unsafe.Pointer(&mem[0])), size: size, chunk: chunkSize(size), mem: mem}, nil
 }
 
 // Bytes is the whole arena; nil after Close.
@@ -82,20 +87,42 @@ func (a *Arena) fixedIndex(p []byte) (uint16, bool) {
 	}
 	start := uintptr(unsafe.Pointer(&p[0])) - a.base
 	end := start + uintptr(len(p)) - 1
-	if start/maxFixedBuf != end/maxFixedBuf {
+	c := uintptr(a.chunk)
+	if start/c != end/c {
 		return 0, false
 	}
-	return uint16(start / maxFixedBuf), true
+	return uint16(start / c), true
 }
 
-// chunks splits the arena into the iovecs it is registered as: the kernel
-// refuses a single registered buffer over 1 GiB.
+// chunkSize is the registered-buffer size for an arena of size bytes:
+// a huge page, doubled until the chunks are fewer than maxRegBuffers.
+func chunkSize(size int) int {
+	chunk := hugePage
+	for size/chunk >= maxRegBuffers && chunk < maxFixedBuf {
+		chunk *= 2
+	}
+	return chunk
+}
+
+// chunks splits the arena into the iovecs it is registered as: huge pages
+// (2 MiB), or more when the arena would need over maxRegBuffers of them
+// (the kernel refuses a single buffer over 1 GiB, maxFixedBuf).
+//
+// The kernel describes a registered buffer to the block layer in huge-page
+// segments only if every page of it is in a huge page; otherwise in 4 KiB
+// segments, and a device taking 128 segments per request (a loop device)
+// then splits each 1 MiB fixed write in two. The arena asks for huge pages
+// but may not get all of them: registered as one 1 GiB chunk, a 256 MiB
+// cache with 232 MiB in huge pages had its 1 GiB written as 1,863 requests
+// of 563 KiB on average; in 2 MiB chunks, each coalesced on its own, as
+// 1,065 of 982 KiB (fio's 1 MiB writes: 1,024), at the same or better speed.
+// An I/O that crosses a chunk boundary is a plain READ/WRITE.
 func (a *Arena) chunks() [][]byte {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var out [][]byte
-	for off := 0; off < len(a.mem); off += maxFixedBuf {
-		out = append(out, a.mem[off:min(off+maxFixedBuf, len(a.mem))])
+	for off := 0; off < len(a.mem); off += a.chunk {
+		out = append(out, a.mem[off:min(off+a.chunk, len(a.mem))])
 	}
 	if len(out) > math.MaxUint16 {
 		panic("iouring: arena has more chunks than buffer indexes")

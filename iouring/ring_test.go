@@ -501,3 +501,33 @@ func TestCloseWrongThreadKeepsPrepared(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// An arena is registered in huge-page chunks (more only past the kernel's
+// buffer count), and a buffer is fixed only inside one chunk.
+func TestArenaChunks(t *testing.T) {
+	a, err := NewArena(64 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	cs := a.chunks()
+	if len(cs) != 32 || len(cs[0]) != hugePage || len(cs[31]) != hugePage {
+		t.Fatalf("64 MiB arena: %d chunks of %d bytes, want 32 of %d", len(cs), len(cs[0]), hugePage)
+	}
+	mem := a.Bytes()
+	if i, ok := a.fixedIndex(mem[3*hugePage+4096 : 3*hugePage+8192]); !ok || i != 3 {
+		t.Fatalf("buffer inside chunk 3: index %d, %v", i, ok)
+	}
+	if _, ok := a.fixedIndex(mem[hugePage-4096 : hugePage+4096]); ok {
+		t.Fatal("a buffer across two chunks was given a fixed index")
+	}
+	// A large arena keeps its chunks under the kernel's count, and none
+	// is over the kernel's largest buffer.
+	for _, tc := range []struct{ size, chunk int }{
+		{256 << 20, hugePage}, {32<<30 - 1, hugePage}, {32 << 30, 4 << 20}, {64 << 30, 8 << 20}, {maxArena, 128 << 20},
+	} {
+		if got := chunkSize(tc.size); got != tc.chunk {
+			t.Errorf("chunkSize(%d) = %d, want %d", tc.size, got, tc.chunk)
+		}
+	}
+}
