@@ -1204,22 +1204,12 @@ func TestSlowReadsOverlap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := newServer(eng, serverConfig{}, testLogger(t), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.serve(l) }()
+	addr, stop := startOn(t, eng)
 	defer func() {
-		srv.shutdown(context.Background())
-		<-done
+		stop()
 		eng.Close()
 	}()
-	c := connect(t, l.Addr().String(), testExport, true)
+	c := connect(t, addr, testExport, true)
 	r := rand.New(rand.NewPCG(5, 5))
 	const depth, rounds = 16, 8
 	for range rounds {
