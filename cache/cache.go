@@ -122,8 +122,8 @@ type Options struct {
 	// BlockSize is the page size: a power of two, MinBlockSize..MaxBlockSize.
 	BlockSize int
 	// DirtyLimit is the number of dirty bytes at which AcquireDirty waits.
-	// 0 means half of the frames. It must be below Size, at least one block,
-	// and leave the read reserve and some clean frames (see New's error).
+	// It must be below Size and at least one block; 0, or more than half of
+	// the frames beyond the read reserve, means that half (see New).
 	DirtyLimit int64
 	// Kick, if set, is called (non-blocking, from the caller's goroutine; it
 	// must not block) when dirty bytes go over the background threshold
@@ -199,25 +199,26 @@ func New(opts Options) (*Cache, error) {
 	frames := int(frames64)
 	reserve := max(8, frames/16)
 
+	// At most half of the frames beyond the reserve may be dirty: pages in
+	// writeback stop counting as dirty when their write completes but keep
+	// their frames until the batch is finished (under the object's lock,
+	// which a reader waiting for a frame may hold), so writers can pin as
+	// many frames again. With a dirty limit at 59 % of the frames, readers,
+	// writers and writeback waited for each other forever.
+	maxDirty := (frames - reserve) / 2
 	var dirtyPages int
 	switch {
 	case opts.DirtyLimit < 0:
 		return nil, fmt.Errorf("%w: DirtyLimit %d is negative", ErrBadOptions, opts.DirtyLimit)
 	case opts.DirtyLimit == 0:
-		dirtyPages = frames / 2
+		dirtyPages = maxDirty
 	case opts.DirtyLimit >= opts.Size:
 		return nil, fmt.Errorf("%w: DirtyLimit %d must be below Size %d", ErrBadOptions, opts.DirtyLimit, opts.Size)
 	case opts.DirtyLimit < int64(bs):
 		return nil, fmt.Errorf("%w: DirtyLimit %d is below one block (%d)", ErrBadOptions, opts.DirtyLimit, bs)
 	default:
-		dirtyPages64 := opts.DirtyLimit / int64(bs)
-		// The clean side needs at least the reserve too, so that reads keep
-		// working while the dirty limit is reached.
-		if maxDirty := int64(frames - 2*reserve); dirtyPages64 > maxDirty {
-			return nil, fmt.Errorf("%w: DirtyLimit %d is %d pages; this cache has %d frames, so at most %d bytes (%d pages) may be dirty",
-				ErrBadOptions, opts.DirtyLimit, dirtyPages64, frames, maxDirty*int64(bs), maxDirty)
-		}
-		dirtyPages = int(dirtyPages64)
+		// A larger limit is lowered to maxDirty (see DirtyLimitPages).
+		dirtyPages = int(min(opts.DirtyLimit/int64(bs), int64(maxDirty)))
 	}
 	cleanCap := int64(frames - dirtyPages - reserve)
 	if cleanCap < 1 {

@@ -123,7 +123,6 @@ func TestNewOptions(t *testing.T) {
 		{Size: good, BlockSize: 4096, DirtyLimit: -1},
 		{Size: good, BlockSize: 4096, DirtyLimit: good},
 		{Size: good, BlockSize: 4096, DirtyLimit: 100},
-		{Size: good, BlockSize: 4096, DirtyLimit: 60 * 4096},
 	}
 	for _, o := range bad {
 		c, err := New(o)
@@ -145,9 +144,18 @@ func TestNewOptions(t *testing.T) {
 		if c.Frames() != MinFrames || c.BlockSize() != bs {
 			t.Fatalf("bs %d: frames %d block %d", bs, c.Frames(), c.BlockSize())
 		}
-		if c.DirtyLimitPages() != MinFrames/2 || c.CleanCapacity() < 1 {
+		// Half of the frames beyond the read reserve (8 of MinFrames).
+		if c.DirtyLimitPages() != (MinFrames-8)/2 || c.CleanCapacity() < 1 {
 			t.Fatalf("bs %d: dirty limit %d clean capacity %d", bs, c.DirtyLimitPages(), c.CleanCapacity())
 		}
+		c2, err := New(Options{Size: MinSize(bs), BlockSize: bs, DirtyLimit: int64(60 * bs)})
+		if err != nil {
+			t.Fatalf("bs %d: DirtyLimit of 60 pages: %v", bs, err)
+		}
+		if c2.DirtyLimitPages() != (MinFrames-8)/2 {
+			t.Fatalf("bs %d: DirtyLimit of 60 of %d frames gave %d pages, want it lowered to %d", bs, MinFrames, c2.DirtyLimitPages(), (MinFrames-8)/2)
+		}
+		c2.Close()
 		if got := c.Arena().Size(); got < c.Frames()*max(bs, FrameAlign) {
 			t.Fatalf("arena %d bytes for %d frames", got, c.Frames())
 		}

@@ -30,7 +30,7 @@ type FormatOptions struct {
 // Options are the parameters of Open.
 type Options struct {
 	CacheSize  int64 // page cache bytes, clean + dirty; 0 = 256 MiB
-	DirtyLimit int64 // dirty bytes at which writers wait; 0 = half the cache's frames
+	DirtyLimit int64 // dirty bytes at which writers wait; 0 (or more) = half the cache's frames beyond its read reserve
 	ReadOnly   bool
 }
 
