@@ -1663,38 +1663,9 @@ func (o *Object) allocLocked() error {
 			if cont {
 				prevEnd = goal
 			}
-			var got []reserve.Extent
-			if o.window.Len > 0 && o.window.Start == goal {
-				take := min(n, o.window.Len)
-				x := reserve.Extent{Start: goal, Len: take}
-				if err := e.space.ClaimHeld(x); err != nil {
-					panic(fmt.Sprintf("rawblock: object %q: claim window %v: %v", o.name, x, err))
-				}
-				o.window = reserve.Extent{Start: goal + take, Len: o.window.Len - take}
-				got = []reserve.Extent{x}
-			} else if h := o.holdContinuation(goal, n, cont, start+n >= eof); h.Len > 0 {
-				got = []reserve.Extent{h}
-			} else {
-				if cont && start+n >= eof {
-					// An append that cannot continue in place: give the
-					// stream a fresh region with room to grow.
-					goal = e.freshGoal(n, true)
-				}
-				// The goal itself first: Alloc's best fit by size would
-				// take a free extent a block shorter than the one a new
-				// stream was placed in the middle of, at its other end.
-				if h := o.holdExact(goal, n); h.Len > 0 {
-					got = []reserve.Extent{h}
-				} else {
-					xs, err := e.space.Alloc(n, goal)
-					if err != nil {
-						if errors.Is(err, reserve.ErrNoSpace) {
-							return fmt.Errorf("%w: writeback of %q: %v", ErrNoSpace, o.name, err)
-						}
-						return fmt.Errorf("writeback of %q: %w", o.name, err)
-					}
-					got = xs
-				}
+			got, err := o.placeLocked(goal, n, cont && start+n >= eof)
+			if err != nil {
+				return err
 			}
 			for _, x := range got {
 				if x.Start != prevEnd {
@@ -1719,14 +1690,43 @@ func (o *Object) allocLocked() error {
 	return nil
 }
 
-// holdContinuation allocates exactly [goal, goal+n) for an append that
-// continues the object's last extent, if those blocks are free; otherwise
-// it returns an empty extent and allocates nothing.
-func (o *Object) holdContinuation(goal, n int64, cont, appending bool) reserve.Extent {
-	if !cont || !appending {
-		return reserve.Extent{}
+// placeLocked allocates n blocks whose goal is goal: from the object's
+// window when it starts there, else exactly at the goal when those blocks
+// are free, else (appendCont: an append continuing the object's last
+// extent) in a fresh region for the stream, else wherever Alloc finds them
+// nearest the goal.
+func (o *Object) placeLocked(goal, n int64, appendCont bool) ([]reserve.Extent, error) {
+	e := o.e
+	if o.window.Len > 0 && o.window.Start == goal {
+		x := reserve.Extent{Start: goal, Len: min(n, o.window.Len)}
+		if err := e.space.ClaimHeld(x); err != nil {
+			panic(fmt.Sprintf("rawblock: object %q: claim window %v: %v", o.name, x, err))
+		}
+		o.window = reserve.Extent{Start: x.End(), Len: o.window.Len - x.Len}
+		return []reserve.Extent{x}, nil
 	}
-	return o.holdExact(goal, n)
+	// The goal itself first: Alloc's best fit by size would take a free
+	// extent a block shorter than the one a new stream was placed in the
+	// middle of, at its other end.
+	if h := o.holdExact(goal, n); h.Len > 0 {
+		return []reserve.Extent{h}, nil
+	}
+	if appendCont {
+		// An append that cannot continue in place: give the stream a
+		// fresh region with room to grow.
+		goal = e.freshGoal(n, true)
+		if h := o.holdExact(goal, n); h.Len > 0 {
+			return []reserve.Extent{h}, nil
+		}
+	}
+	xs, err := e.space.Alloc(n, goal)
+	if err != nil {
+		if errors.Is(err, reserve.ErrNoSpace) {
+			return nil, fmt.Errorf("%w: writeback of %q: %v", ErrNoSpace, o.name, err)
+		}
+		return nil, fmt.Errorf("writeback of %q: %w", o.name, err)
+	}
+	return xs, nil
 }
 
 // holdExact allocates exactly blocks [goal, goal+n) if they are all
