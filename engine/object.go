@@ -338,15 +338,16 @@ func (c *credits) frames() int { return len(c.pages) - c.head }
 // grow makes sure at least n frames and n dirty credits are in hand.
 func (c *credits) grow(n int) error {
 	if need := n - c.dirty; need > 0 {
-		// Never wait for budget while holding some: writers that each
-		// held part of what they needed could together hold the whole
-		// limit, with no dirty page left for writeback to free, and wait
-		// forever (8 writers of 102-block chunks did, holding 383 of 409
-		// pages). What is held goes back, and all of n is waited for in
-		// one AcquireDirty.
-		if c.dirty > 0 {
-			c.e.cache.ReleaseDirty(c.dirty)
-			c.dirty, need = 0, n
+		// Never wait for budget while holding some, or frames taken with
+		// it: writers that each held part of what they needed could
+		// together hold the whole limit, with no dirty page left for
+		// writeback to free, and wait forever (8 writers of 102-block
+		// chunks did, holding 383 of 409 pages); frames kept without
+		// budget would pin memory the dirty limit does not count. What is
+		// held goes back, and all of n is waited for in one AcquireDirty.
+		if c.dirty > 0 || len(c.pages) > c.head {
+			c.release()
+			need = n
 		}
 		ctx := c.e.throttleCtx()
 		if err := c.e.cache.AcquireDirty(ctx, need); err != nil {
