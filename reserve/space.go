@@ -662,15 +662,12 @@ func (s *Space) Commit(seq uint64) {
 		}
 		slices.Sort(keys)
 		for _, k := range keys {
-			b := q[k&(1<<(64-startBits)-1)]
-			s.busyBlocks -= b.Len
-			s.release(b)
+			s.release(q[k&(1<<(64-startBits)-1)])
 		}
 		s.sortKeys = keys[:0]
 	default:
 		slices.SortFunc(q[:n], func(a, b busyExtent) int { return cmp.Compare(a.Start, b.Start) })
 		for _, b := range q[:n] {
-			s.busyBlocks -= b.Len
 			s.release(b)
 		}
 	}
@@ -946,6 +943,7 @@ func (s *Space) markNear(b Extent) {
 // extents it touches. Its entry in byEnd is already there, tagged: it
 // becomes the merged extent's entry where the end allows.
 func (s *Space) release(b busyExtent) {
+	s.busyBlocks -= b.Len
 	e := b.Extent
 	near := b.nearFree
 	if len(s.lateNear) > 0 {
