@@ -310,8 +310,23 @@ func runEngineJobs(ctx context.Context, spec engineSpec, objs []*engine.Object, 
 			fillRandom(buf, uint64(j)+1)
 			rng := rand.New(rand.NewPCG(uint64(j)+7, 99))
 			writes := 0
+			// now is the end of the last I/O. It is also the start of the
+			// next one (the loop between them records a histogram value,
+			// tens of nanoseconds) and what the deadline check compares:
+			// one clock read per I/O instead of three. The shared counters
+			// are added to in batches. Both keep the loop's own cost small
+			// next to the engine's, as fio's is next to the kernel's.
+			now := time.Now()
+			var pending int64
+			flush := func() {
+				ops.Add(pending)
+				bytes.Add(pending * spec.bs)
+				pending = 0
+			}
+			defer flush()
+			expired := func() bool { return ctx.Err() != nil || now.After(deadline) }
 			do := func(o *engine.Object, off int64, write bool) error {
-				t := time.Now()
+				t := now
 				var err error
 				if write {
 					_, err = o.WriteAt(buf, off)
@@ -322,14 +337,18 @@ func runEngineJobs(ctx context.Context, spec engineSpec, objs []*engine.Object, 
 						err = nil
 					}
 				}
-				recordLatency(h, int64(time.Since(t)))
+				now = time.Now()
+				recordLatency(h, int64(now.Sub(t)))
 				if err != nil {
 					return err
 				}
-				ops.Add(1)
-				bytes.Add(spec.bs)
+				if pending++; pending == 256 {
+					flush()
+				}
 				if write && spec.syncEvery > 0 && writes%spec.syncEvery == 0 {
-					return o.Sync()
+					err := o.Sync()
+					now = time.Now()
+					return err
 				}
 				return nil
 			}
@@ -345,7 +364,7 @@ func runEngineJobs(ctx context.Context, spec engineSpec, objs []*engine.Object, 
 				for pass := 0; len(mine) > 0; pass++ {
 					for blk := int64(0); blk < blocksPerObj; blk++ {
 						for _, o := range mine {
-							if ctx.Err() != nil || time.Now().After(deadline) {
+							if expired() {
 								return
 							}
 							if err := do(o, blk*spec.bs, write); err != nil {
@@ -360,7 +379,7 @@ func runEngineJobs(ctx context.Context, spec engineSpec, objs []*engine.Object, 
 				}
 			default:
 				for issued.Add(1) <= totalRandom || spec.workload != "randwrite" {
-					if ctx.Err() != nil || time.Now().After(deadline) {
+					if expired() {
 						return
 					}
 					o := objs[rng.IntN(len(objs))]
