@@ -27,12 +27,13 @@ const btreeDegree = 256
 // searches were over half of the allocator's time, and with the same number
 // of descents the integer keys took Alloc from 1.3-1.4 to about 1.0 us.
 //
-// The by-size index of the short free extents packs (Len, Start) into one
-// uint64, Len in the top 16 bits and Start in the low 48 (block numbers are
-// below MaxTotal = 2^48). Free extents of shortLen blocks or more, rare on a
-// fragmented device and few on any device, are in a second tree ordered by
-// (Len, Start) with a comparison function; every long extent sorts after
-// every short one.
+// The by-size index (sizeIndex) has a tree of starts for each length up to
+// sizeBuckets; longer free extents below shortLen share a tree that packs
+// (Len, Start) into one uint64, Len in the top 16 bits and Start in the low
+// 48 (block numbers are below MaxTotal = 2^48). Free extents of shortLen
+// blocks or more, rare on a fragmented device and few on any device, are in
+// a third tree ordered by (Len, Start) with a comparison function; every
+// long extent sorts after every short one.
 const (
 	startBits = 48
 	startMask = 1<<startBits - 1
@@ -104,8 +105,8 @@ type Space struct {
 	// lookup and two deletes, or a three-way split), and Free plus its
 	// share of Commit about 5.
 	byEnd      *btree.Map[int64, int64]
-	bySize     *btree.Map[uint64, struct{}] // sizeKey of extents < shortLen
-	byLong     *btree.BTreeG[Extent]        // extents >= longLen, lessSize
+	bySize     sizeIndex             // extents < longLen
+	byLong     *btree.BTreeG[Extent] // extents >= longLen, lessSize
 	freeBlocks int64
 
 	// longLen is where the by-size index switches from bySize to byLong:
@@ -116,8 +117,7 @@ type Space struct {
 	// Iterators kept between calls so that their path stacks are not
 	// allocated again on every lookup. Only used under mu; every use
 	// starts with a Seek.
-	endIt  btree.MapIter[int64, int64]
-	sizeIt btree.MapIter[uint64, struct{}]
+	endIt btree.MapIter[int64, int64]
 
 	// Busy extents are in byEnd too, tagged with busyTag: the overlap
 	// check of Free is then one lookup for free and busy blocks both, the
@@ -203,14 +203,16 @@ type Stats struct {
 // order and may touch; zero-length ones are ignored. One that is out of
 // range or overlaps another is an ErrInvalid error naming both.
 func NewSpace(total int64, used []Extent) (*Space, error) {
-	return newSpaceLong(total, used, shortLen)
+	return newSpaceTiers(total, used, sizeBuckets+1, shortLen)
 }
 
-// newSpaceLong is NewSpace with the length from which free extents go into
-// byLong instead of bySize (at most shortLen).
-func newSpaceLong(total int64, used []Extent, longLen int64) (*Space, error) {
-	if longLen < 1 || longLen > shortLen {
-		panic(fmt.Sprintf("reserve: long extent threshold %d outside [1, %d]", longLen, shortLen))
+// newSpaceTiers is NewSpace with the lengths at which free extents leave
+// the per-length trees of the by-size index (bucketLen) and go into byLong
+// instead of the packed tree (longLen); 1 <= bucketLen <= longLen <=
+// shortLen. Tests lower them so that small spaces use every tree.
+func newSpaceTiers(total int64, used []Extent, bucketLen, longLen int64) (*Space, error) {
+	if bucketLen < 1 || bucketLen > longLen || longLen > shortLen {
+		panic(fmt.Sprintf("reserve: size thresholds %d, %d outside 1 <= bucket <= long <= %d", bucketLen, longLen, shortLen))
 	}
 	if total < 0 || total > MaxTotal {
 		return nil, fmt.Errorf("%w: total %d blocks outside [0, %d]", ErrInvalid, total, int64(MaxTotal))
@@ -236,13 +238,12 @@ func newSpaceLong(total int64, used []Extent, longLen int64) (*Space, error) {
 		total:     total,
 		maxExtent: DefaultMaxExtent,
 		byEnd:     btree.NewMap[int64, int64](btreeDegree),
-		bySize:    btree.NewMap[uint64, struct{}](btreeDegree),
 		byLong:    btree.NewBTreeGOptions(lessSize, btree.Options{Degree: btreeDegree, NoLocks: true}),
 		longLen:   longLen,
 		held:      btree.NewMap[int64, int64](btreeDegree),
 	}
 	s.endIt = s.byEnd.Iter()
-	s.sizeIt = s.bySize.Iter()
+	s.bySize.init(bucketLen, longLen)
 	var pos, usedBlocks int64
 	for _, e := range sorted {
 		if e.Start > pos {
@@ -426,14 +427,14 @@ func (s *Space) maxFree() (Extent, bool) {
 	if m, ok := s.byLong.Max(); ok {
 		return m, true
 	}
-	k, _, ok := s.bySize.Max()
-	return sizeExtent(k), ok
+	return s.bySize.max()
 }
 
 // around returns the two free extents on either side of (l, goal) in
 // (Len, Start) order: lo, the last one of length exactly l starting at or
 // before goal, and hi, the first one after (l, goal), of any length. For
-// short lengths one descent of the packed index finds both.
+// short lengths one descent of the length's tree (or of the packed tree)
+// finds both.
 func (s *Space) around(l, goal int64) (lo Extent, okLo bool, hi Extent, okHi bool) {
 	if l >= s.longLen {
 		s.byLong.Descend(Extent{Start: goal, Len: l}, func(x Extent) bool {
@@ -446,25 +447,7 @@ func (s *Space) around(l, goal int64) (lo Extent, okLo bool, hi Extent, okHi boo
 		})
 		return lo, okLo, hi, okHi
 	}
-	it := &s.sizeIt
-	var more bool
-	// goal+1 reaches 2^48 only for goal == MaxTotal; the carry into the
-	// length field makes the key (l+1, 0), still the right bound, unless
-	// it overflows: then nothing short is above (l, goal).
-	if l < shortLen-1 || goal+1 < 1<<startBits {
-		if it.Seek(uint64(l)<<startBits + uint64(goal+1)) {
-			hi, okHi = sizeExtent(it.Key()), true
-			more = it.Prev()
-		} else {
-			more = it.Last()
-		}
-	} else {
-		more = it.Last()
-	}
-	if more {
-		lo = sizeExtent(it.Key())
-		okLo = lo.Len == l
-	}
+	lo, okLo, hi, okHi = s.bySize.around(l, goal)
 	if !okHi {
 		hi, okHi = s.byLong.Min()
 	}
@@ -815,7 +798,7 @@ func (s *Space) addFree(e Extent) {
 func (s *Space) addSize(e Extent) {
 	var dup bool
 	if e.Len < s.longLen {
-		_, dup = s.bySize.Set(sizeKey(e), struct{}{})
+		dup = s.bySize.add(e)
 	} else {
 		_, dup = s.byLong.Set(e)
 	}
@@ -828,7 +811,7 @@ func (s *Space) addSize(e Extent) {
 func (s *Space) deleteSize(e Extent) {
 	var ok bool
 	if e.Len < s.longLen {
-		_, ok = s.bySize.Delete(sizeKey(e))
+		ok = s.bySize.delete(e)
 	} else {
 		_, ok = s.byLong.Delete(e)
 	}
@@ -840,15 +823,14 @@ func (s *Space) deleteSize(e Extent) {
 // hasSize reports whether e is in the by-size index.
 func (s *Space) hasSize(e Extent) bool {
 	if e.Len < s.longLen {
-		_, ok := s.bySize.Get(sizeKey(e))
-		return ok
+		return s.bySize.has(e)
 	}
 	_, ok := s.byLong.Get(e)
 	return ok
 }
 
 // sizeLen is the number of extents in the by-size index.
-func (s *Space) sizeLen() int { return s.bySize.Len() + s.byLong.Len() }
+func (s *Space) sizeLen() int { return s.bySize.len() + s.byLong.Len() }
 
 // deleteFree removes e from both free indexes.
 func (s *Space) deleteFree(e Extent) {
@@ -1177,11 +1159,14 @@ func (s *Space) Check() error {
 		}
 		return true
 	}
-	s.bySize.Scan(func(k uint64, _ struct{}) bool {
-		if e := sizeExtent(k); e.Len >= s.longLen {
+	if err := s.bySize.check(); err != nil {
+		return err
+	}
+	s.bySize.scan(func(e Extent) bool {
+		if e.Len >= s.longLen {
 			return fail("free extent %v in the index of short extents", e)
 		}
-		return inBlock(sizeExtent(k))
+		return inBlock(e)
 	})
 	if err != nil {
 		return err

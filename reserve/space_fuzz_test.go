@@ -35,9 +35,10 @@ func FuzzSpace(f *testing.F) {
 		used := Extent{Start: next() % total}
 		used.Len = next() % (total - used.Start + 1)
 		m.set(used, mUsed)
-		// Exercise the by-size tree of long extents too (see
-		// checkSpaceAgainstModel).
-		s, err := newSpaceLong(total, []Extent{used}, []int64{shortLen, 3, 10}[total%3])
+		// Exercise every tree of the by-size index (see
+		// checkSpaceAgainstModel): per-length, packed and long.
+		tiers := [][2]int64{{sizeBuckets + 1, shortLen}, {2, 3}, {4, 10}, {1, 6}, {3, 3}}[total%5]
+		s, err := newSpaceTiers(total, []Extent{used}, tiers[0], tiers[1])
 		if err != nil {
 			t.Fatal(err)
 		}

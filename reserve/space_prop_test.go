@@ -279,10 +279,12 @@ func checkSpaceAgainstModel(t *rapid.T, total int64, used []Extent, maxN int64) 
 	}
 	// Free extents from longLen blocks up are indexed by size in the tree
 	// of long extents (shortLen in production, out of reach of these
-	// spaces): a small threshold exercises it and the hand-over between
-	// the two trees.
+	// spaces), those below bucketLen in a tree per length, the others in
+	// the packed tree: small thresholds exercise all three and the
+	// hand-overs between them.
 	longLen := rapid.SampledFrom([]int64{shortLen, 1, 2, 3, 5, 8, 13}).Draw(t, "longLen")
-	s, err := newSpaceLong(total, used, longLen)
+	bucketLen := min(longLen, rapid.SampledFrom([]int64{sizeBuckets + 1, 1, 2, 3, 4, 6}).Draw(t, "bucketLen"))
+	s, err := newSpaceTiers(total, used, bucketLen, longLen)
 	if err != nil {
 		t.Fatalf("NewSpace(%d, %v): %v", total, used, err)
 	}
