@@ -34,6 +34,9 @@ const (
 	// minMetadataSize and maxMetadataSize bound the scaled default.
 	minMetadataSize = 512 << 10
 	maxMetadataSize = 4 << 30
+	// dataAlign: the data region starts at a multiple of this many bytes
+	// from the device's start (see layout).
+	dataAlign = 1 << 20
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -147,6 +150,14 @@ func (s *superblock) validate() error {
 	return nil
 }
 
+// dataAlignment is the alignment of the data region, in bytes, for
+// metadata of metaBytes: dataAlign, or the largest power of two up to
+// half the metadata if that is less.
+func dataAlignment(metaBytes int64) int64 {
+	half := max(metaBytes/2, 1)
+	return min(int64(dataAlign), int64(1)<<(63-bits.LeadingZeros64(uint64(half))))
+}
+
 // layout computes the superblock for a device of size bytes.
 func layout(size int64, devBS, bs int, metadataSize int64) (superblock, error) {
 	var s superblock
@@ -165,6 +176,25 @@ func layout(size int64, devBS, bs int, metadataSize int64) (superblock, error) {
 	// Journal gets half, each checkpoint a quarter.
 	ckpt := max(metaBlocks/4, 1)
 	journal := max(metaBlocks-2*ckpt, 1)
+	// The data region starts on a dataAlign boundary, as partitions and
+	// file systems align theirs: a device's internal units (flash pages
+	// and erase blocks, RAID stripes, a host file's extents under a
+	// virtual disk) are aligned to the device's start, and a 1 MiB
+	// writeback I/O that straddles two of them can cost two. The journal
+	// gives up the blocks in front of the boundary, or takes the blocks
+	// up to it when that would cost it more than half its size. Metadata
+	// under 2 MiB (tiny devices, tests) aligns to the largest power of two
+	// up to half its size instead, so that its journal stays about the
+	// size asked for.
+	if align := dataAlignment(metaBlocks*b) / b; align > 1 {
+		if rem := (2 + journal + 2*ckpt) % align; rem != 0 {
+			if journal-rem >= (journal+1)/2 {
+				journal -= rem
+			} else {
+				journal += align - rem
+			}
+		}
+	}
 	s = superblock{
 		Version:       formatVersion,
 		BlockSize:     uint32(bs),

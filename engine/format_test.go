@@ -48,6 +48,41 @@ func TestLayoutScales(t *testing.T) {
 	}
 }
 
+// TestLayoutAlignsTheDataRegion: whatever the device, block and metadata
+// sizes, the data region starts on a 1 MiB boundary (or, for metadata under
+// 2 MiB, a power of two up to half of it) and the journal keeps at least
+// half of what it was given.
+func TestLayoutAlignsTheDataRegion(t *testing.T) {
+	for _, size := range []int64{16 << 20, 17<<20 + 4096, 100<<20 + 512, 1 << 30, 1<<40 + 12345} {
+		for _, bs := range []int{512, 4096, 16384, 65536} {
+			for _, meta := range []int64{0, 512 << 10, 1<<20 + 3*4096, 8 << 20, 64<<20 + 512} {
+				s, err := layout(size, 512, bs, meta)
+				if err != nil {
+					continue // too much metadata for the device
+				}
+				m := meta
+				if m == 0 {
+					m = min(max(size/32, minMetadataSize), maxMetadataSize)
+				}
+				metaBlocks := (m + int64(bs) - 1) / int64(bs)
+				align := int64(dataAlign)
+				for align > metaBlocks*int64(bs)/2 {
+					align /= 2
+				}
+				if m >= 2<<20 && align != dataAlign {
+					t.Fatalf("metadata %d aligns to %d", m, align)
+				}
+				if off := s.DataStart * int64(bs); off%align != 0 {
+					t.Errorf("size %d, bs %d, metadata %d: data region at byte %d, not on a %d boundary", size, bs, meta, off, align)
+				}
+				if given := max(metaBlocks-2*max(metaBlocks/4, 1), 1); s.JournalBlocks < (given+1)/2 {
+					t.Errorf("size %d, bs %d, metadata %d: journal of %d blocks, given %d", size, bs, meta, s.JournalBlocks, given)
+				}
+			}
+		}
+	}
+}
+
 func testCheckpoint() *checkpoint {
 	return &checkpoint{
 		Seq:          9,
