@@ -1,12 +1,14 @@
 package cache
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1088,4 +1090,76 @@ func lruHotHitRatio(capacity, hot, scan int) float64 {
 		}
 	}
 	return float64(hits) / float64(n)
+}
+
+// TestAllocRunSortsFreedFrames: frames freed in any order come back from
+// AllocRun ascending, so neighbours in the arena form one span; it never
+// takes more than asked or than is free, never evicts, and each frame it
+// hands out has one reference.
+func TestAllocRunSortsFreedFrames(t *testing.T) {
+	c := newTestCache(t, 4096, 64, 0)
+	var held []*Page
+	for {
+		p := c.TryAlloc()
+		if p == nil {
+			break
+		}
+		held = append(held, p)
+	}
+	if got := c.AllocRun(nil, 4); len(got) != 0 {
+		t.Fatalf("AllocRun on an empty free list returned %d frames", len(got))
+	}
+	// Free 32 frames that neighbour each other in a shuffled order: popped
+	// one by one they would seldom follow each other.
+	slices.SortFunc(held, func(a, b *Page) int { return cmp.Compare(a.idx, b.idx) })
+	run := slices.Clone(held[8:40])
+	rand.New(rand.NewPCG(1, 2)).Shuffle(len(run), func(i, j int) { run[i], run[j] = run[j], run[i] })
+	for _, p := range run {
+		p.Release()
+	}
+	got := c.AllocRun(nil, 32)
+	if len(got) != 32 {
+		t.Fatalf("AllocRun(32) with 32 free returned %d", len(got))
+	}
+	for i, p := range got {
+		if r := p.refs.Load(); r != 1 {
+			t.Fatalf("frame %d has %d references", p.idx, r)
+		}
+		if i > 0 && !p.Follows(got[i-1]) {
+			t.Fatalf("frames %d then %d: not one span", got[i-1].idx, p.idx)
+		}
+	}
+	if span := got[0].Span(len(got)); len(span) != 32*4096 {
+		t.Fatalf("span of %d bytes", len(span))
+	}
+	// Part of what is free: the top of the free list, ascending.
+	for _, p := range got {
+		p.Release()
+	}
+	got = c.AllocRun(nil, 20)
+	if len(got) != 20 {
+		t.Fatalf("AllocRun(20) with 32 free returned %d", len(got))
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i].idx <= got[i-1].idx {
+			t.Fatalf("frames %d then %d: not ascending", got[i-1].idx, got[i].idx)
+		}
+	}
+	rest := c.AllocRun(got, 100)
+	if len(rest) != 32 {
+		t.Fatalf("AllocRun(100) with 12 free: %d frames in all, want 32", len(rest))
+	}
+	for _, p := range rest {
+		p.Release()
+	}
+	for _, p := range held[:8] {
+		p.Release()
+	}
+	for _, p := range held[40:] {
+		p.Release()
+	}
+	c.Close()
+	if got := c.AllocRun(nil, 4); len(got) != 0 {
+		t.Fatalf("AllocRun on a closed cache returned %d frames", len(got))
+	}
 }

@@ -3,6 +3,7 @@ package cache
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync/atomic"
 )
 
@@ -125,6 +126,35 @@ func (c *Cache) popFree() *Page {
 	c.free = c.free[:n-1]
 	c.freeMu.Unlock()
 	return c.claim(&c.pages[idx])
+}
+
+// AllocRun appends to dst up to n frames from the free list, each with one
+// reference and unspecified contents, in ascending frame order, and returns
+// dst. It neither evicts nor waits: a caller that needs n frames takes the
+// rest from Alloc.
+//
+// Frames come back to the free list in whatever order their pages were
+// dropped, and the list is a stack: frames freed in ascending order come
+// off it descending, and no two popped one by one ever followed each other
+// (1 MiB NBD writes into a warm cache were read from the socket in spans
+// of about two frames). Sorted, the ones that neighbour each other in the
+// arena form spans again (see Follows), which a write fills with one read
+// and writeback sends as one buffer.
+func (c *Cache) AllocRun(dst []*Page, n int) []*Page {
+	if n <= 0 || c.closed.Load() {
+		return dst
+	}
+	c.freeMu.Lock()
+	k := min(n, len(c.free))
+	var arr [256]uint32
+	idxs := append(arr[:0], c.free[len(c.free)-k:]...)
+	c.free = c.free[:len(c.free)-k]
+	c.freeMu.Unlock()
+	slices.Sort(idxs)
+	for _, idx := range idxs {
+		dst = append(dst, c.claim(&c.pages[idx]))
+	}
+	return dst
 }
 
 // claim gives a free (refs 0) frame its first reference.

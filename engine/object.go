@@ -358,6 +358,12 @@ func (c *credits) grow(n int) error {
 		}
 		c.dirty += need
 	}
+	if k := n - c.frames(); k > 0 {
+		// Free frames first, in one batch and in arena order, so that a
+		// write of consecutive blocks gets frames that follow each other
+		// (see take).
+		c.pages = c.e.cache.AllocRun(c.pages, k)
+	}
 	for c.frames() < n {
 		p, err := c.e.cache.Alloc(bgCtx)
 		if err != nil {

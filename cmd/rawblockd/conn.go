@@ -184,14 +184,16 @@ func (p *payloadReader) Read(b []byte) (int, error) {
 // reader: copying them into a buffer first was 40 % of the daemon's CPU
 // on 1 MiB writes.
 //
-// Once the cache has turned over, a write's frames are seldom consecutive
-// in the arena (runs of about two frames), so WriteFrom reads short runs,
-// which the bufio.Reader copies out of its buffer: 22 % of the daemon's
-// CPU in memmove on 1 MiB writes. Tried and not kept: readv(2) on the
-// socket straight into the frames. memmove went, a third of the read
-// calls too, but the kernel's copy into 4 KiB iovecs cost as much more
-// system time: 201-209 against 194-219 CPU ticks per 8 GiB written, the
-// same throughput within noise.
+// Once the cache had turned over, a write's frames were seldom consecutive
+// in the arena (runs of about two frames: the free list is a stack), so
+// WriteFrom read short runs, which the bufio.Reader copied out of its
+// buffer: 22 % of the daemon's CPU in memmove on 1 MiB writes. Tried and
+// not kept: readv(2) on the socket straight into the frames. memmove went,
+// a third of the read calls too, but the kernel's copy into 4 KiB iovecs
+// cost as much more system time (201-209 against 194-219 CPU ticks per
+// 8 GiB written). What fixed it is on the engine's side: a write takes its
+// free frames in one batch, sorted (cache.AllocRun), so they form spans
+// that are read with one call each.
 const writeFromMin = 64 << 10
 
 // job is a request handed to a worker with what it holds.
