@@ -164,8 +164,8 @@ func layout(size int64, devBS, bs int, metadataSize int64) (superblock, error) {
 	if size < MinDeviceSize {
 		return s, fmt.Errorf("%w: device has %d bytes, the minimum is %d (16 MiB)", errInvalid, size, MinDeviceSize)
 	}
-	if metadataSize < 0 {
-		return s, fmt.Errorf("%w: MetadataSize %d is negative", errInvalid, metadataSize)
+	if metadataSize < 0 || metadataSize > size {
+		return s, fmt.Errorf("%w: MetadataSize %d outside [0, the device's %d bytes]", errInvalid, metadataSize, size)
 	}
 	if metadataSize == 0 {
 		metadataSize = min(max(size/32, minMetadataSize), maxMetadataSize)

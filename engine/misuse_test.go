@@ -489,7 +489,9 @@ func TestMisuseOptions(t *testing.T) {
 		{BlockSize: 1 << 17},
 		{BlockSize: 2048}, // below this device's 4096-byte blocks
 		{MetadataSize: -1},
-		{MetadataSize: 30 << 20}, // leaves no data space
+		{MetadataSize: 30 << 20},          // leaves no data space
+		{MetadataSize: math.MaxInt64},     // rounding it up to blocks would wrap
+		{MetadataSize: math.MaxInt64 - 1}, // likewise
 	} {
 		if err := engine.Format(dev, fo); !errors.Is(err, fs.ErrInvalid) {
 			t.Errorf("Format(%+v) = %v; want fs.ErrInvalid", fo, err)
