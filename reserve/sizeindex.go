@@ -27,6 +27,9 @@ const sizeBuckets = 256
 // lengths from bucketLen up to longLen share one tree of packed keys
 // (sizeKey). The caller holds the Space's lock.
 type sizeIndex struct {
+	// longLen is where Space's by-size index switches to byLong:
+	// shortLen, or less in tests so that byLong is exercised on small
+	// spaces.
 	bucketLen, longLen int64
 	buckets            []lenBucket // buckets[l-1] holds the extents of length l
 	nonEmpty           []uint64    // bit l-1 is set when buckets[l-1] holds any

@@ -60,7 +60,7 @@ func TestSizeIndexAgainstModel(t *testing.T) {
 			}
 			var got []Extent
 			x.scan(func(e Extent) bool { got = append(got, e); return true })
-			if !slices.Equal(got, model) && len(got)+len(model) > 0 {
+			if !slices.Equal(got, model) {
 				t.Fatalf("scan %v, model %v", got, model)
 			}
 			m, ok := x.max()
@@ -68,7 +68,7 @@ func TestSizeIndexAgainstModel(t *testing.T) {
 				t.Fatalf("max %v %v, model %v", m, ok, model)
 			}
 			q := Extent{Start: rapid.Int64Range(-1, 41).Draw(t, "goal"), Len: min(length.Draw(t, "ql"), longLen-1)}
-			if !x.has(e) != !slices.Contains(model, e) {
+			if x.has(e) != slices.Contains(model, e) {
 				t.Fatalf("has %v disagrees with the model", e)
 			}
 			lo, okLo, hi, okHi := x.around(q.Len, q.Start)

@@ -109,11 +109,6 @@ type Space struct {
 	byLong     *btree.BTreeG[Extent] // extents >= longLen, lessSize
 	freeBlocks int64
 
-	// longLen is where the by-size index switches from bySize to byLong:
-	// shortLen, or less in tests so that byLong is exercised on small
-	// spaces.
-	longLen int64
-
 	// Iterators kept between calls so that their path stacks are not
 	// allocated again on every lookup. Only used under mu; every use
 	// starts with a Seek.
@@ -239,7 +234,6 @@ func newSpaceTiers(total int64, used []Extent, bucketLen, longLen int64) (*Space
 		maxExtent: DefaultMaxExtent,
 		byEnd:     btree.NewMap[int64, int64](btreeDegree),
 		byLong:    btree.NewBTreeGOptions(lessSize, btree.Options{Degree: btreeDegree, NoLocks: true}),
-		longLen:   longLen,
 		held:      btree.NewMap[int64, int64](btreeDegree),
 	}
 	s.endIt = s.byEnd.Iter()
@@ -436,7 +430,7 @@ func (s *Space) maxFree() (Extent, bool) {
 // short lengths one descent of the length's tree (or of the packed tree)
 // finds both.
 func (s *Space) around(l, goal int64) (lo Extent, okLo bool, hi Extent, okHi bool) {
-	if l >= s.longLen {
+	if l >= s.bySize.longLen {
 		s.byLong.Descend(Extent{Start: goal, Len: l}, func(x Extent) bool {
 			lo, okLo = x, x.Len == l
 			return false
@@ -797,7 +791,7 @@ func (s *Space) addFree(e Extent) {
 // addSize inserts e into the by-size index.
 func (s *Space) addSize(e Extent) {
 	var dup bool
-	if e.Len < s.longLen {
+	if e.Len < s.bySize.longLen {
 		dup = s.bySize.add(e)
 	} else {
 		_, dup = s.byLong.Set(e)
@@ -810,7 +804,7 @@ func (s *Space) addSize(e Extent) {
 // deleteSize removes e from the by-size index.
 func (s *Space) deleteSize(e Extent) {
 	var ok bool
-	if e.Len < s.longLen {
+	if e.Len < s.bySize.longLen {
 		ok = s.bySize.delete(e)
 	} else {
 		_, ok = s.byLong.Delete(e)
@@ -822,7 +816,7 @@ func (s *Space) deleteSize(e Extent) {
 
 // hasSize reports whether e is in the by-size index.
 func (s *Space) hasSize(e Extent) bool {
-	if e.Len < s.longLen {
+	if e.Len < s.bySize.longLen {
 		return s.bySize.has(e)
 	}
 	_, ok := s.byLong.Get(e)
@@ -1163,7 +1157,7 @@ func (s *Space) Check() error {
 		return err
 	}
 	s.bySize.scan(func(e Extent) bool {
-		if e.Len >= s.longLen {
+		if e.Len >= s.bySize.longLen {
 			return fail("free extent %v in the index of short extents", e)
 		}
 		return inBlock(e)
@@ -1172,7 +1166,7 @@ func (s *Space) Check() error {
 		return err
 	}
 	s.byLong.Scan(func(e Extent) bool {
-		if e.Len < s.longLen {
+		if e.Len < s.bySize.longLen {
 			return fail("free extent %v in the index of long extents", e)
 		}
 		return inBlock(e)

@@ -544,7 +544,7 @@ func TestCheckDetectsCorruption(t *testing.T) {
 			s.acct.word.Add(1)
 		}, "0 busy extents by block, 1 in the sequence queue"},
 		{"extent in the wrong by-size tree", func(s *Space) {
-			s.longLen = 10 // [40+60] now belongs in byLong
+			s.bySize.longLen = 10 // [40+60] now belongs in byLong
 		}, "[40+60] missing from the by-size index"},
 		{"held overlaps free", func(s *Space) {
 			s.held.Set(90, 10)
