@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/pprof"
+	"runtime/trace"
 )
 
 // startCPUProfile starts a Go CPU profile into path ("" = none) and returns
@@ -42,4 +43,29 @@ func profiled(path string, bd *benchDevice, fn func() error) error {
 		err = errors.Join(err, perr)
 	}
 	return errors.Join(err, bd.close())
+}
+
+// startTrace starts a Go execution trace into path ("" = none) and returns
+// the function that stops it and closes the file. It shows what a CPU
+// profile cannot: where goroutines wait runnable, in system calls or for
+// each other (go tool trace -pprof=sched FILE).
+func startTrace(path string) (stop func() error, err error) {
+	if path == "" {
+		return func() error { return nil }, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("trace: %w", err)
+	}
+	if err := trace.Start(f); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("trace %s: %w", path, err)
+	}
+	return func() error {
+		trace.Stop()
+		if err := f.Close(); err != nil {
+			return fmt.Errorf("trace %s: %w", path, err)
+		}
+		return nil
+	}, nil
 }

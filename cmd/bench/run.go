@@ -36,6 +36,7 @@ type runCmd struct {
 	JSON      bool          `name:"json" help:"Print one JSON object instead of text."`
 	Quiet     bool          `help:"No progress line."`
 	CPUProf   string        `name:"cpuprofile" type:"path" placeholder:"FILE" help:"Write a Go CPU profile of the run to FILE."`
+	Trace     string        `name:"trace" type:"path" placeholder:"FILE" help:"Write a Go execution trace of the timed phase to FILE (see go tool trace)."`
 }
 
 // engineResult is what one engine workload measured. Its JSON field names
@@ -82,6 +83,7 @@ type engineSpec struct {
 	runtime   time.Duration
 	cache     int64
 	quiet     bool
+	trace     string // execution trace of the timed phase ("" = none)
 }
 
 const (
@@ -118,7 +120,7 @@ func (c *runCmd) Run(env *appEnv) error {
 	spec := engineSpec{
 		workload: c.Workload, bs: int64(c.BS), objects: c.Objects, size: int64(c.Size),
 		jobs: c.Jobs, syncEvery: c.SyncEvery, runtime: c.Runtime, cache: int64(c.Cache),
-		quiet: c.Quiet || c.JSON,
+		quiet: c.Quiet || c.JSON, trace: c.Trace,
 	}
 	if err := spec.validate(); err != nil {
 		return err
@@ -202,6 +204,10 @@ func runEngine(ctx context.Context, bd *benchDevice, spec engineSpec) (engineRes
 	}
 	m0 := machineBusy()
 	var ops, bytes atomic.Int64
+	stopTrace, err := startTrace(spec.trace)
+	if err != nil {
+		return r, err
+	}
 	stopProgress := startProgress(spec.quiet, &ops, &bytes)
 	t0 := time.Now()
 	hists, err := runEngineJobs(ctx, spec, objs, &ops, &bytes)
@@ -210,6 +216,7 @@ func runEngine(ctx context.Context, bd *benchDevice, spec engineSpec) (engineRes
 	}
 	elapsed := time.Since(t0)
 	stopProgress()
+	err = errors.Join(err, stopTrace())
 	m1 := machineBusy()
 	u1, uerr := getUsage()
 	if err != nil {
