@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"github.com/ncw/directio"
@@ -98,15 +99,32 @@ type FileDevice struct {
 // BLKGETSIZE64. A regular file has block size 4096 and its length, rounded
 // down to 4096, as size. Either is locked with flock (LOCK_EX, LOCK_SH for
 // ReadOnly) so that a second open, in this or another process, fails with
-// ErrInUse instead of corrupting it. Errors name the path. The result's
+// ErrInUse instead of corrupting it; that answer is given after retrying
+// for up to inUseWait, since a device closed a moment ago may still be
+// held by the kernel (see inUseWait). Errors name the path. The result's
 // dynamic type is *FileDevice.
 func OpenDevice(path string, opts DeviceOptions) (Device, error) {
-	d, err := openFileDevice(path, opts)
-	if err != nil {
-		return nil, err
+	deadline := time.Now().Add(inUseWait)
+	for pause := 100 * time.Microsecond; ; pause *= 2 {
+		d, err := openFileDevice(path, opts)
+		if err == nil {
+			return d, nil
+		}
+		if !errors.Is(err, ErrInUse) || time.Now().Add(pause).After(deadline) {
+			return nil, err
+		}
+		time.Sleep(pause)
 	}
-	return d, nil
 }
+
+// inUseWait is how long OpenDevice retries a device found in use. The
+// kernel's I/O workers (every flush runs on one) post a request's
+// completion before they drop their reference to the open file, so for a
+// moment after Close returns, the O_EXCL claim on a block device (held
+// until the last reference goes) can still refuse a new open
+// (TestReopenAfterIO fails without the retry). A device truly in use is
+// refused after this long.
+const inUseWait = 100 * time.Millisecond
 
 func openFileDevice(path string, opts DeviceOptions) (*FileDevice, error) {
 	if opts.QueueDepth < 0 || opts.QueueDepth > iouring.MaxQueueDepth {
@@ -434,8 +452,15 @@ func (d *FileDevice) Close() error {
 	if err := d.io.Close(); err != nil {
 		errs = append(errs, err)
 	}
-	// Closing the descriptor releases the flock; the io_uring File never
-	// touches it after Close returned.
+	// Unlock first: closing the descriptor releases the flock only with
+	// the last reference to the open file, and the kernel may still hold
+	// one for a moment after the last completion was delivered (a ring
+	// that posts completions from task work frees its requests, and their
+	// file references, just after posting them). The io_uring File never
+	// touches the descriptor after Close returned.
+	if err := lockDevice(d.fd, unix.LOCK_UN); err != nil {
+		errs = append(errs, fmt.Errorf("unlock: %w", err))
+	}
 	if err := d.f.Close(); err != nil {
 		errs = append(errs, err)
 	}

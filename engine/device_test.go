@@ -751,3 +751,49 @@ func TestNewMemDeviceRejects(t *testing.T) {
 		t.Fatalf("sparse read: %v", err)
 	}
 }
+
+// TestReopenAfterIO: a device closed right after I/O and a flush
+// (completions that the kernel may still be freeing) opens again at once, on a file and on a
+// loop device (whose O_EXCL claim lasts as long as the open file).
+func TestReopenAfterIO(t *testing.T) {
+	paths := map[string]string{"file": filepath.Join(t.TempDir(), "dev")}
+	t.Run("file", func(t *testing.T) { reopenAfterIO(t, paths["file"]) })
+	t.Run("loop", func(t *testing.T) { reopenAfterIO(t, newLoopDevice(t, 4096)) })
+}
+
+func reopenAfterIO(t *testing.T, path string) {
+	rounds := 200
+	if testing.Short() {
+		rounds = 40
+	}
+	for i := range rounds {
+		d, err := OpenDevice(path, DeviceOptions{CreateSize: 4 << 20})
+		if err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		var wg sync.WaitGroup
+		for g := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				buf := aligned(4096)
+				off := int64(g) * 4096
+				if _, err := d.WriteAt(buf, off); err != nil {
+					t.Error(err)
+				}
+				if _, err := d.ReadAt(buf, off); err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		// A flush runs on the kernel's io-wq workers, which drop their
+		// reference to the file after posting the completion.
+		if err := d.Flush(); err != nil {
+			t.Fatalf("round %d: flush: %v", i, err)
+		}
+		if err := d.Close(); err != nil {
+			t.Fatalf("round %d: close: %v", i, err)
+		}
+	}
+}

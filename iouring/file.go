@@ -106,9 +106,10 @@ type backend interface {
 type FileStats struct {
 	Requests uint64 // I/O requests completed (reads, writes, fsyncs)
 	Enters   uint64 // io_uring_enter calls made by the reactors
-	Sleeps   uint64 // times a reactor slept in the kernel waiting for completions
+	Sleeps   uint64 // times a reactor slept waiting for completions or requests
 	Kicks    uint64 // eventfd writes made to wake a sleeping reactor
 	Parks    uint64 // times a waiting caller parked (rather than finding its result while spinning)
+	Retries  uint64 // requests run again after the kernel cancelled them (their submitting thread exited)
 }
 
 // NewFile wraps fd (which stays owned by the caller: Close does not close

@@ -39,9 +39,13 @@ var (
 )
 
 // Tuning experiments: RAWBLOCK_TUNE_SPIN, RAWBLOCK_TUNE_IDLE (durations),
-// RAWBLOCK_TUNE_KICKBELOW, RAWBLOCK_TUNE_WAITERSPIN (counts) override the
-// reactor's knobs for this test binary.
+// RAWBLOCK_TUNE_KICKBELOW, RAWBLOCK_TUNE_WAITERSPIN (counts) and
+// RAWBLOCK_TUNE_NETPOLL (0: wait in io_uring_enter) override the reactor's
+// knobs for this test binary.
 func applyTuning() {
+	if v, err := strconv.ParseBool(os.Getenv("RAWBLOCK_TUNE_NETPOLL")); err == nil {
+		netpollSleep = v
+	}
 	if v, err := time.ParseDuration(os.Getenv("RAWBLOCK_TUNE_SPIN")); err == nil {
 		reactorSpin = v
 	}

@@ -69,21 +69,25 @@ func TestFileReactorVariants(t *testing.T) {
 	type knobs struct {
 		spin, idle, batch time.Duration
 		kick, wspin, div  int
+		enterWait         bool
 	}
-	saved := knobs{reactorSpin, reactorIdle, batchWait, kickBelow, waiterSpin, waitDiv}
+	saved := knobs{reactorSpin, reactorIdle, batchWait, kickBelow, waiterSpin, waitDiv, !netpollSleep}
 	set := func(k knobs) {
 		reactorSpin, reactorIdle, batchWait, kickBelow, waiterSpin, waitDiv = k.spin, k.idle, k.batch, k.kick, k.wspin, k.div
+		netpollSleep = !k.enterWait
 	}
 	defer set(saved)
 	for _, v := range []struct {
 		name string
 		k    knobs
 	}{
-		{"reactor-spin", knobs{20 * time.Microsecond, 3 * time.Microsecond, saved.batch, saved.kick, 0, 0}},
-		{"waiter-spin", knobs{0, saved.idle, saved.batch, saved.kick, 8, 0}},
-		{"kick-below-4", knobs{0, saved.idle, saved.batch, 4, 0, 0}},
-		{"batch-wait", knobs{0, saved.idle, 20 * time.Microsecond, saved.kick, 0, 2}},
-		{"batch-wait-no-kick", knobs{0, saved.idle, 50 * time.Microsecond, 4, 0, 2}},
+		{"reactor-spin", knobs{20 * time.Microsecond, 3 * time.Microsecond, saved.batch, saved.kick, 0, 0, false}},
+		{"waiter-spin", knobs{0, saved.idle, saved.batch, saved.kick, 8, 0, false}},
+		{"kick-below-4", knobs{0, saved.idle, saved.batch, 4, 0, 0, false}},
+		{"enter-wait", knobs{0, saved.idle, saved.batch, saved.kick, 0, 0, true}},
+		{"enter-wait-spin", knobs{20 * time.Microsecond, 3 * time.Microsecond, saved.batch, saved.kick, 0, 0, true}},
+		{"batch-wait", knobs{0, saved.idle, 20 * time.Microsecond, saved.kick, 0, 2, true}},
+		{"batch-wait-no-kick", knobs{0, saved.idle, 50 * time.Microsecond, 4, 0, 2, true}},
 	} {
 		t.Run(v.name, func(t *testing.T) {
 			set(v.k)
@@ -92,6 +96,43 @@ func TestFileReactorVariants(t *testing.T) {
 			t.Cleanup(func() { set(saved) })
 			concurrentRandomIO(t, ModeIOURing, 2000)
 		})
+	}
+}
+
+// TestFileRetriesCancelled: a request the kernel cancels because the thread
+// that submitted it exited is run again, invisibly to its caller; one that
+// is cancelled every time fails with ECANCELED after maxRetries.
+func TestFileRetriesCancelled(t *testing.T) {
+	needIOURing(t)
+	if !netpollSleep {
+		t.Skip("the reactor waits in io_uring_enter on a locked thread: nothing to retry")
+	}
+	var n atomic.Int64
+	cqeHook = func(res int32) int32 {
+		if n.Add(1)%3 == 0 {
+			return -int32(syscall.ECANCELED)
+		}
+		return res
+	}
+	t.Cleanup(func() { cqeHook = nil })
+	concurrentRandomIO(t, ModeIOURing, 1000)
+
+	osf := tempDirect(t, 1<<20)
+	f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: ModeIOURing, QueueDepth: 4})
+	if !strings.Contains(f.Reason(), "netpoller") {
+		t.Skipf("the reactor fell back to waiting in the kernel: %s", f.Reason())
+	}
+	buf := directio.AlignedBlock(4096)
+	before := f.Stats().Retries
+	if _, err := f.ReadAt(buf, 0); err != nil {
+		t.Fatalf("read with a third of completions cancelled: %v", err)
+	}
+	cqeHook = func(int32) int32 { return -int32(syscall.ECANCELED) }
+	if _, err := f.ReadAt(buf, 0); !errors.Is(err, syscall.ECANCELED) {
+		t.Fatalf("read cancelled every time: %v, want ECANCELED", err)
+	}
+	if got := f.Stats().Retries - before; got < maxRetries {
+		t.Errorf("%d retries counted, want at least %d", got, maxRetries)
 	}
 }
 

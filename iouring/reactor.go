@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -15,10 +16,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The io_uring backend. Each ring is owned by one reactor goroutine that
-// holds its OS thread for the ring's whole life (the ring is set up with
-// SINGLE_ISSUER|DEFER_TASKRUN when the kernel allows, which binds it to that
-// thread; and a thread that exits cancels the requests it submitted).
+// The io_uring backend. Each ring is owned by one reactor goroutine. The
+// ring posts completions as they happen and signals an eventfd registered
+// with it; the reactor sleeps in Go's netpoller on that eventfd (see
+// sleep), so it holds no OS thread and no P while it waits. Such a ring
+// ties each request to the thread that entered the kernel for it, and a
+// thread that exits has the kernel cancel the requests it still holds; Go
+// ends threads only under LockOSThread, and the reactor runs a cancelled
+// request again (deliverCQE). Where the eventfd cannot be registered, or
+// with netpollSleep off, the reactor falls back to holding its OS thread
+// for the ring's whole life, with SINGLE_ISSUER|DEFER_TASKRUN when the
+// kernel allows, and waits inside io_uring_enter, kicked through an
+// eventfd read it keeps armed on the ring.
 //
 // Callers never touch the ring. A request lives in a slot of the reactor's
 // table; the table has QueueDepth slots and the CQ has at least
@@ -35,8 +44,7 @@ import (
 //   - the reactor submits everything it took and waits for a completion in
 //     the same io_uring_enter;
 //   - a reactor about to sleep sets a flag in the intake word, and one
-//     caller pays for waking it (an eventfd write that completes a READ
-//     the reactor keeps armed on its own ring): the first to push, unless
+//     caller pays for waking it (an eventfd write): the first to push, unless
 //     waiters the reactor has woken are still to run. Those mostly come
 //     back with a request, so the pushers leave the wake-up to the last of
 //     them to resume, and the reactor takes the whole round's requests in
@@ -63,12 +71,13 @@ import (
 
 // Tuning knobs, measured by the benchmarks in file_bench_test.go.
 var (
-	reactorSpin = time.Duration(0)      // reactor: max spin for more intake before sleeping (0: off)
-	reactorIdle = 3 * time.Microsecond  // reactor: stop spinning after this long without new intake
-	kickBelow   = math.MaxInt           // callers wake a sleeping reactor only below this many in flight
-	waiterSpin  = 0                     // waiter: polls of its slot before parking
-	waitDiv     = 0                     // reactor: wait for inflight/waitDiv completions (0: for one)
-	batchWait   = 20 * time.Microsecond // reactor: longest a batch wait holds a completion
+	reactorSpin  = time.Duration(0)      // reactor: max spin for more intake before sleeping (0: off)
+	reactorIdle  = 3 * time.Microsecond  // reactor: stop spinning after this long without new intake
+	kickBelow    = math.MaxInt           // callers wake a sleeping reactor only below this many in flight
+	waiterSpin   = 0                     // waiter: polls of its slot before parking
+	waitDiv      = 0                     // reactor: wait for inflight/waitDiv completions (0: for one)
+	batchWait    = 20 * time.Microsecond // reactor: longest a batch wait holds a completion
+	netpollSleep = true                  // reactor: wait in the netpoller (false: in io_uring_enter, on a locked thread)
 )
 
 const (
@@ -104,11 +113,12 @@ type slot struct {
 	// grown on demand and reused, so vectored requests allocate nothing in
 	// steady state; its Base pointers keep the caller's buffers alive until
 	// deliver clears them, after the completion.
-	iov   []unix.Iovec
-	niov  int
-	batch *batch
-	bidx  int
-	arena *Arena
+	iov     []unix.Iovec
+	niov    int
+	batch   *batch
+	bidx    int
+	arena   *Arena
+	retries uint8 // times the reactor ran it again after a cancellation
 
 	// Written by the reactor before state becomes stDone.
 	res  int32
@@ -175,6 +185,10 @@ type reactor struct {
 	takeBuf    []uint32
 	efdBuf     []byte
 	efdArmed   bool
+	locked     bool                  // the ring is bound to this goroutine's thread
+	efdFile    *os.File              // netpoll mode: the eventfd, owned by the netpoller
+	efdConn    syscall.RawConn       // netpoll mode: for waiting on it
+	efdRead    func(fd uintptr) bool // netpoll mode: one eventfd read, made once
 	arena      *Arena
 	arenaFixed bool
 	complete   func(uint64, int32)
@@ -186,7 +200,7 @@ type reactor struct {
 	// waking counts waiters signalled that have not resumed yet.
 	waking atomic.Int64
 
-	nreq, nenter, nsleep, nkick, npark atomic.Uint64
+	nreq, nenter, nsleep, nkick, npark, nretry atomic.Uint64
 }
 
 type uringBackend struct {
@@ -252,27 +266,77 @@ func startReactor(fd, qd int, sq uint32) (*reactor, string, error) {
 // run is the reactor goroutine.
 func (r *reactor) run(sq uint32, ready chan<- string) {
 	defer close(r.done)
-	runtime.LockOSThread()
-	ring, err := newRingHook(RingOptions{Entries: sq})
+	ring, err := r.openRing(sq)
 	if err == nil && ring.CQEntries() < len(r.slots)+1 {
 		ring.Close()
 		err = fmt.Errorf("iouring: CQ of %d entries cannot hold %d requests plus the wake-up read", ring.CQEntries(), len(r.slots))
 	}
 	if err != nil {
 		// No ring, nothing in flight: the thread may go back to the pool.
-		runtime.UnlockOSThread()
+		if r.locked {
+			runtime.UnlockOSThread()
+		}
 		r.err = err
 		ready <- ""
 		return
 	}
 	r.ring = ring
 	r.minWait = ring.HasMinWait() && batchWait >= time.Microsecond
-	ready <- fmt.Sprintf("SQ %d, CQ %d, %s", ring.SQEntries(), ring.CQEntries(), ring.Flags())
+	wait := "waits in the netpoller"
+	if r.locked {
+		wait = "waits in io_uring_enter"
+	}
+	ready <- fmt.Sprintf("SQ %d, CQ %d, %s, %s", ring.SQEntries(), ring.CQEntries(), ring.Flags(), wait)
 	r.loop()
 	r.err = r.shutdown()
-	// Only now, with nothing in flight and the ring closed, may the
-	// goroutine leave its thread.
-	runtime.UnlockOSThread()
+	if r.locked {
+		// Only now, with nothing in flight and the ring closed, may the
+		// goroutine leave its thread.
+		runtime.UnlockOSThread()
+	}
+}
+
+// openRing sets up the reactor's ring: one that posts completions as they
+// happen and signals the reactor's eventfd, which the reactor waits for in
+// Go's netpoller (see sleep); else, or with netpollSleep off, a ring bound
+// to the reactor's locked thread that it waits for in io_uring_enter.
+func (r *reactor) openRing(sq uint32) (*Ring, error) {
+	if netpollSleep {
+		ring, err := newRingHook(RingOptions{Entries: sq, Notify: true})
+		if err == nil {
+			if err = r.useNetpoll(ring); err == nil {
+				return ring, nil
+			}
+			ring.Close()
+		}
+	}
+	runtime.LockOSThread()
+	r.locked = true
+	return newRingHook(RingOptions{Entries: sq})
+}
+
+// useNetpoll registers the eventfd with ring and hands it to the netpoller.
+func (r *reactor) useNetpoll(ring *Ring) error {
+	if err := unix.SetNonblock(r.efd, true); err != nil {
+		return fmt.Errorf("iouring: eventfd: %w", err)
+	}
+	if err := ring.RegisterEventfd(r.efd); err != nil {
+		_ = unix.SetNonblock(r.efd, false)
+		return err
+	}
+	r.efdFile = os.NewFile(uintptr(r.efd), "iouring-eventfd")
+	c, err := r.efdFile.SyscallConn()
+	if err != nil {
+		// Not reached for an eventfd; the File owns the descriptor now,
+		// so a fallback is not possible.
+		panic(fmt.Sprintf("iouring: reactor: eventfd: %v", err))
+	}
+	r.efdConn = c
+	r.efdRead = func(fd uintptr) bool {
+		_, err := unix.Read(int(fd), r.efdBuf)
+		return err != unix.EAGAIN
+	}
+	return nil
 }
 
 func (r *reactor) loop() {
@@ -294,11 +358,15 @@ func (r *reactor) loop() {
 			}
 		}
 		r.nsleep.Add(1)
-		wait := uint32(1)
-		if waitDiv > 0 && r.minWait && r.inflight >= 2*waitDiv {
-			wait = uint32(r.inflight / waitDiv)
+		if r.efdConn != nil {
+			r.sleep()
+		} else {
+			wait := uint32(1)
+			if waitDiv > 0 && r.minWait && r.inflight >= 2*waitDiv {
+				wait = uint32(r.inflight / waitDiv)
+			}
+			r.submit(wait)
 		}
-		r.submit(wait)
 		r.woke = 0
 		r.ring.Reap(r.complete)
 		r.flushWakes()
@@ -362,8 +430,33 @@ func (r *reactor) submit(wait uint32) {
 	}
 }
 
+// sleep submits what is prepared and, unless a completion is ready, waits
+// in Go's netpoller for the eventfd, which the ring signals on every
+// completion and callers write to when they find the sleep bit set.
+//
+// Waiting there rather than in io_uring_enter is what lets a 2-CPU
+// machine keep its device busy: a goroutine in a system call keeps its P
+// until sysmon takes it back, 20 µs to 10 ms later, so the waiters the
+// reactor had just woken queued behind it on one P, and after a burst of
+// completions the device sat idle while they ran one by one (random 4 KiB
+// reads through the engine at QD32 on a loop device: no request in flight
+// 42 % of the time). A netpoller wait hands the P over at once; and since
+// the goroutine is not locked to a thread, it resumes on whichever P is
+// free, where a locked one waited ~50 µs for its thread to be handed one.
+func (r *reactor) sleep() {
+	if r.ring.Pending() > 0 {
+		r.submit(0)
+	}
+	if r.ring.cqReady() > 0 {
+		return
+	}
+	if err := r.efdConn.Read(r.efdRead); err != nil {
+		panic(fmt.Sprintf("iouring: reactor: eventfd read: %v", err))
+	}
+}
+
 func (r *reactor) armEventfd() {
-	if r.efdArmed || r.ring.SQSpace() == 0 {
+	if r.efdFile != nil || r.efdArmed || r.ring.SQSpace() == 0 {
 		return
 	}
 	if err := r.ring.PrepRead(r.efd, r.efdBuf, 0, efdUserData); err != nil {
@@ -520,14 +613,37 @@ func (r *reactor) deliverCQE(ud uint64, res int32) {
 		panic("iouring: reactor: completion with no request in flight")
 	}
 	r.inflight--
+	if cqeHook != nil {
+		res = cqeHook(res)
+	}
+	if s := &r.slots[idx]; res == -int32(syscall.ECANCELED) && !r.locked && s.retries < maxRetries {
+		// The reactor cancels nothing. A ring not bound to one thread
+		// ties each request to the thread that entered the kernel for
+		// it, and when that thread exits the kernel cancels what it
+		// still holds (requests punted to its io-wq workers). Go ends a
+		// thread only when a goroutine locked to it exits, so this is
+		// rare, and the request, unchanged, is simply run again.
+		s.retries++
+		r.nretry.Add(1)
+		r.held = append(r.held, idx)
+		return
+	}
 	r.deliver(idx, res)
 }
+
+// maxRetries bounds how often one request is run again after a
+// cancellation before its caller gets ECANCELED.
+const maxRetries = 8
+
+// cqeHook, when set (by tests), rewrites every completion's result.
+var cqeHook func(res int32) int32
 
 // deliver gives a result to the slot's waiter.
 func (r *reactor) deliver(idx uint32, res int32) {
 	r.nreq.Add(1)
 	s := &r.slots[idx]
 	s.buf = nil // the kernel is done with it
+	s.retries = 0
 	if s.niov > 0 {
 		clear(s.iov[:s.niov])
 		s.niov = 0
@@ -895,6 +1011,7 @@ func (b *uringBackend) stats() FileStats {
 		st.Sleeps += r.nsleep.Load()
 		st.Kicks += r.nkick.Load()
 		st.Parks += r.npark.Load()
+		st.Retries += r.nretry.Load()
 	}
 	return st
 }
@@ -910,7 +1027,13 @@ func (b *uringBackend) close() error {
 		if r.err != nil {
 			errs = append(errs, r.err)
 		}
-		if err := unix.Close(r.efd); err != nil {
+		var err error
+		if r.efdFile != nil {
+			err = r.efdFile.Close()
+		} else {
+			err = unix.Close(r.efd)
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("iouring: close eventfd: %w", err))
 		}
 	}

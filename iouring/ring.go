@@ -44,6 +44,11 @@ type RingOptions struct {
 	// NoSingleIssuer skips the IORING_SETUP_SINGLE_ISSUER|DEFER_TASKRUN
 	// attempt, for callers that cannot keep every call on one OS thread.
 	NoSingleIssuer bool
+	// Notify asks for completions to be posted as they happen, even while
+	// the submitting thread sleeps (no SINGLE_ISSUER, DEFER_TASKRUN or
+	// COOP_TASKRUN), for a caller that waits for them on a registered
+	// eventfd rather than in io_uring_enter.
+	Notify bool
 }
 
 // Ring is one io_uring instance: its SQ and CQ rings and SQE array mapped
@@ -105,6 +110,9 @@ func NewRing(opts RingOptions) (*Ring, error) {
 	}
 	if opts.NoSingleIssuer {
 		attempts = attempts[1:]
+	}
+	if opts.Notify {
+		attempts = []uint32{setupSubmitAll, 0}
 	}
 	var (
 		p     params
@@ -598,6 +606,19 @@ func (r *Ring) Reap(fn func(userData uint64, res int32)) int {
 		n++
 		fn(ud, res)
 	}
+}
+
+// RegisterEventfd makes the kernel signal efd whenever it posts
+// completions. A ring has at most one; Close unregisters it.
+func (r *Ring) RegisterEventfd(efd int) error {
+	if r.closed {
+		return ErrClosed
+	}
+	fd := int32(efd)
+	if errno := sysRegister(r.fd, regEventfd, unsafe.Pointer(&fd), 1); errno != 0 {
+		return fmt.Errorf("iouring: io_uring_register(EVENTFD): %w", errno)
+	}
+	return nil
 }
 
 // RegisterBuffers registers bufs for READ_FIXED/WRITE_FIXED (index i =

@@ -80,6 +80,7 @@ var (
 const (
 	regBuffers   = 0
 	unregBuffers = 1
+	regEventfd   = 4
 	regProbe     = 8
 )
 
