@@ -53,10 +53,8 @@ import (
 //   - a waiter parks only if its result is not there yet (state CAS), and
 //     the reactor signals only waiters that parked;
 //   - wake-ups are batched: the reactor readies only the first waiter of a
-//     reaping round, which readies the rest (see waker). Every goroutine
-//     the reactor readies lands on the run queue of the reactor's own P,
-//     which the reactor is about to occupy in io_uring_enter; one of them
-//     is stolen by another P, and the others follow on that P;
+//     reaping round, which readies the rest (see waker), so the reactor
+//     spends one channel send per round, not one per waiter;
 //   - no allocation per request: slots, their channels and the intake are
 //     reused; only errors allocate.
 //
@@ -139,10 +137,10 @@ type batch struct {
 var batchPool = sync.Pool{New: func() any { return &batch{w: waker{c: make(chan struct{}, 1)}} }}
 
 // waker is how a parked waiter is woken. The reactor links the wakers it
-// must signal in one round into a chain and signals only the first: every
-// goroutine the reactor readies lands in the run queue of the reactor's own
-// P, which it is about to occupy in a system call, so it readies one and
-// lets that one, running on another P, ready the rest.
+// must signal in one round into a chain and signals only the first, which
+// readies the rest: the reactor gets back to the ring after one send, and
+// (when it waits in io_uring_enter, holding its P) the waiters are readied
+// from a P that is free to run them.
 type waker struct {
 	c    chan struct{}
 	next *waker // rest of the chain; set by the reactor, cleared by the head
