@@ -107,9 +107,21 @@ func TestFileRetriesCancelled(t *testing.T) {
 	if !netpollSleep {
 		t.Skip("the reactor waits in io_uring_enter on a locked thread: nothing to retry")
 	}
-	var n atomic.Int64
-	cqeHook = func(res int32) int32 {
-		if n.Add(1)%3 == 0 {
+	// Cancel every third request once (a retry keeps its user_data).
+	var (
+		mu        sync.Mutex
+		n         int
+		cancelled = map[uint64]bool{}
+	)
+	cqeHook = func(ud uint64, res int32) int32 {
+		mu.Lock()
+		defer mu.Unlock()
+		if cancelled[ud] {
+			delete(cancelled, ud)
+			return res
+		}
+		if n++; n%3 == 0 {
+			cancelled[ud] = true
 			return -int32(syscall.ECANCELED)
 		}
 		return res
@@ -127,7 +139,7 @@ func TestFileRetriesCancelled(t *testing.T) {
 	if _, err := f.ReadAt(buf, 0); err != nil {
 		t.Fatalf("read with a third of completions cancelled: %v", err)
 	}
-	cqeHook = func(int32) int32 { return -int32(syscall.ECANCELED) }
+	cqeHook = func(uint64, int32) int32 { return -int32(syscall.ECANCELED) }
 	if _, err := f.ReadAt(buf, 0); !errors.Is(err, syscall.ECANCELED) {
 		t.Fatalf("read cancelled every time: %v, want ECANCELED", err)
 	}

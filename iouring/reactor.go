@@ -612,7 +612,7 @@ func (r *reactor) deliverCQE(ud uint64, res int32) {
 	}
 	r.inflight--
 	if cqeHook != nil {
-		res = cqeHook(res)
+		res = cqeHook(ud, res)
 	}
 	if s := &r.slots[idx]; res == -int32(syscall.ECANCELED) && !r.locked && s.retries < maxRetries {
 		// The reactor cancels nothing. A ring not bound to one thread
@@ -634,7 +634,7 @@ func (r *reactor) deliverCQE(ud uint64, res int32) {
 const maxRetries = 8
 
 // cqeHook, when set (by tests), rewrites every completion's result.
-var cqeHook func(res int32) int32
+var cqeHook func(userData uint64, res int32) int32
 
 // deliver gives a result to the slot's waiter.
 func (r *reactor) deliver(idx uint32, res int32) {
