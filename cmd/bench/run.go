@@ -52,6 +52,7 @@ type engineResult struct {
 	Ops                int64          `json:"ops"`
 	Bytes              int64          `json:"bytes"`
 	Seconds            float64        `json:"seconds"`
+	SyncSeconds        float64        `json:"sync_seconds"` // the final Engine.Sync, part of Seconds
 	IOPS               float64        `json:"iops"`
 	MiBPerS            float64        `json:"mib_per_s"`
 	Lat                latencySummary `json:"lat_us"`
@@ -211,10 +212,12 @@ func runEngine(ctx context.Context, bd *benchDevice, spec engineSpec) (engineRes
 	stopProgress := startProgress(spec.quiet, &ops, &bytes)
 	t0 := time.Now()
 	hists, err := runEngineJobs(ctx, spec, objs, &ops, &bytes)
+	jobsDone := time.Since(t0)
 	if err == nil && spec.workload != "seqread" && spec.workload != "randread" {
 		err = e.Sync()
 	}
 	elapsed := time.Since(t0)
+	r.SyncSeconds = (elapsed - jobsDone).Seconds()
 	stopProgress()
 	err = errors.Join(err, stopTrace())
 	m1 := machineBusy()
