@@ -99,6 +99,33 @@ func TestFileReactorVariants(t *testing.T) {
 	}
 }
 
+// TestFileEventfdRefused: a kernel that refuses to register the eventfd
+// gets the reactor that waits in io_uring_enter, and everything works.
+func TestFileEventfdRefused(t *testing.T) {
+	needIOURing(t)
+	saved := registerEventfd
+	registerEventfd = func(*Ring, int) error {
+		return fmt.Errorf("iouring: io_uring_register(EVENTFD): %w", syscall.EINVAL)
+	}
+	// A cleanup registered first runs last: after the File's Close.
+	t.Cleanup(func() { registerEventfd = saved })
+	osf := tempDirect(t, 1<<20)
+	f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: ModeIOURing, QueueDepth: 8})
+	if !strings.Contains(f.Reason(), "waits in io_uring_enter") {
+		t.Fatalf("eventfd refused, reactor: %s; want the io_uring_enter wait", f.Reason())
+	}
+	buf, got := directio.AlignedBlock(4096), directio.AlignedBlock(4096)
+	for i := range 64 {
+		fill(buf, uint64(i), 1)
+		if _, err := f.WriteAt(buf, int64(i%256)*4096); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.ReadAt(got, int64(i%256)*4096); err != nil || !bytes.Equal(got, buf) {
+			t.Fatalf("read back block %d: %v, equal %v", i, err, bytes.Equal(got, buf))
+		}
+	}
+}
+
 // TestFileRetriesCancelled: a request the kernel cancels because the thread
 // that submitted it exited is run again, invisibly to its caller; one that
 // is cancelled every time fails with ECANCELED after maxRetries.

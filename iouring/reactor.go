@@ -318,7 +318,7 @@ func (r *reactor) useNetpoll(ring *Ring) error {
 	if err := unix.SetNonblock(r.efd, true); err != nil {
 		return fmt.Errorf("iouring: eventfd: %w", err)
 	}
-	if err := ring.RegisterEventfd(r.efd); err != nil {
+	if err := registerEventfd(ring, r.efd); err != nil {
 		_ = unix.SetNonblock(r.efd, false)
 		return err
 	}
@@ -632,6 +632,9 @@ func (r *reactor) deliverCQE(ud uint64, res int32) {
 // maxRetries bounds how often one request is run again after a
 // cancellation before its caller gets ECANCELED.
 const maxRetries = 8
+
+// registerEventfd is Ring.RegisterEventfd; tests make it fail.
+var registerEventfd = (*Ring).RegisterEventfd
 
 // cqeHook, when set (by tests), rewrites every completion's result.
 var cqeHook func(userData uint64, res int32) int32
