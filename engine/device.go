@@ -110,10 +110,11 @@ func OpenDevice(path string, opts DeviceOptions) (Device, error) {
 		if err == nil {
 			return d, nil
 		}
-		if !errors.Is(err, ErrInUse) || time.Now().Add(pause).After(deadline) {
+		left := time.Until(deadline)
+		if !errors.Is(err, ErrInUse) || left <= 0 {
 			return nil, err
 		}
-		time.Sleep(pause)
+		time.Sleep(min(pause, left)) // the last attempt is at the deadline
 	}
 }
 
@@ -458,8 +459,12 @@ func (d *FileDevice) Close() error {
 	// that posts completions from task work frees its requests, and their
 	// file references, just after posting them). The io_uring File never
 	// touches the descriptor after Close returned.
-	if err := lockDevice(d.fd, unix.LOCK_UN); err != nil {
-		errs = append(errs, fmt.Errorf("unlock: %w", err))
+	// If stopping the I/O failed, requests may still be in flight: the
+	// lock then goes only with the descriptor's last reference.
+	if len(errs) == 0 {
+		if err := lockDevice(d.fd, unix.LOCK_UN); err != nil {
+			errs = append(errs, fmt.Errorf("unlock: %w", err))
+		}
 	}
 	if err := d.f.Close(); err != nil {
 		errs = append(errs, err)

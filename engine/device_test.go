@@ -757,11 +757,13 @@ func TestNewMemDeviceRejects(t *testing.T) {
 // loop device (whose O_EXCL claim lasts as long as the open file).
 func TestReopenAfterIO(t *testing.T) {
 	paths := map[string]string{"file": filepath.Join(t.TempDir(), "dev")}
-	t.Run("file", func(t *testing.T) { reopenAfterIO(t, paths["file"]) })
-	t.Run("loop", func(t *testing.T) { reopenAfterIO(t, newLoopDevice(t, 4096)) })
+	t.Run("file", func(t *testing.T) { reopenAfterIO(t, paths["file"], true) })
+	t.Run("loop", func(t *testing.T) { reopenAfterIO(t, newLoopDevice(t, 4096), false) })
 }
 
-func reopenAfterIO(t *testing.T, path string) {
+// reopenAfterIO runs the rounds; with unlocked set it also checks, without
+// OpenDevice's retry, that Close released the flock at once.
+func reopenAfterIO(t *testing.T, path string, unlocked bool) {
 	rounds := 200
 	if testing.Short() {
 		rounds = 40
@@ -794,6 +796,17 @@ func reopenAfterIO(t *testing.T, path string) {
 		}
 		if err := d.Close(); err != nil {
 			t.Fatalf("round %d: close: %v", i, err)
+		}
+		if unlocked {
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+			f.Close()
+			if err != nil {
+				t.Fatalf("round %d: flock right after Close: %v", i, err)
+			}
 		}
 	}
 }

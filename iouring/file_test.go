@@ -99,6 +99,75 @@ func TestFileReactorVariants(t *testing.T) {
 	}
 }
 
+// TestFileRetryBeforeControl: a request run again after a cancellation is
+// still in flight for a control request, which waits for nothing to be in
+// flight: RegisterArena must not return (and the arena may not be
+// unmapped) while the retried read can still write into memory.
+func TestFileRetryBeforeControl(t *testing.T) {
+	needIOURing(t)
+	if !netpollSleep {
+		t.Skip("the reactor waits in io_uring_enter on a locked thread: nothing to retry")
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	defer pw.Close()
+	f := newTestFile(t, int(pr.Fd()), FileOptions{Mode: ModeIOURing, QueueDepth: 4, Rings: 1})
+	if !strings.Contains(f.Reason(), "netpoller") {
+		t.Skipf("the reactor fell back to waiting in the kernel: %s", f.Reason())
+	}
+	var cancelled atomic.Bool
+	cqeHook = func(_ uint64, res int32) int32 {
+		if cancelled.CompareAndSwap(false, true) {
+			return -int32(syscall.ECANCELED)
+		}
+		return res
+	}
+	t.Cleanup(func() { cqeHook = nil })
+
+	readDone := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 8)
+		_, err := f.ReadAt(buf, 0) // a pipe ignores the offset
+		readDone <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the read waits on the empty pipe
+	a, err := NewArena(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	regDone := make(chan error, 1)
+	go func() { regDone <- f.RegisterArena(a) }()
+	time.Sleep(50 * time.Millisecond) // the control request waits for the read
+	if _, err := pw.Write(make([]byte, 8)); err != nil {
+		t.Fatal(err)
+	}
+	// The read completed, was "cancelled", and runs again, waiting for
+	// more data: the control request must still wait.
+	select {
+	case err := <-regDone:
+		t.Fatalf("RegisterArena returned (%v) while a retried read was in flight", err)
+	case err := <-readDone:
+		t.Fatalf("the read returned (%v) although its retry has no data", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if _, err := pw.Write(make([]byte, 8)); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-readDone; err != nil {
+		t.Fatalf("retried read: %v", err)
+	}
+	if err := <-regDone; err != nil {
+		t.Fatalf("RegisterArena: %v", err)
+	}
+	if err := f.RegisterArena(nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestFileEventfdRefused: a kernel that refuses to register the eventfd
 // gets the reactor that waits in io_uring_enter, and everything works.
 func TestFileEventfdRefused(t *testing.T) {

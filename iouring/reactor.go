@@ -255,7 +255,11 @@ func startReactor(fd, qd int, sq uint32) (*reactor, string, error) {
 	desc := <-ready
 	if desc == "" {
 		<-r.done
-		unix.Close(efd)
+		if r.efdFile != nil {
+			r.efdFile.Close() // it owns the descriptor now
+		} else {
+			unix.Close(efd)
+		}
 		return nil, "", r.err
 	}
 	return r, desc, nil
@@ -319,7 +323,11 @@ func (r *reactor) useNetpoll(ring *Ring) error {
 		return fmt.Errorf("iouring: eventfd: %w", err)
 	}
 	if err := registerEventfd(ring, r.efd); err != nil {
-		_ = unix.SetNonblock(r.efd, false)
+		// The fallback reads the eventfd through the ring, which waits
+		// for data only on a blocking descriptor.
+		if rerr := unix.SetNonblock(r.efd, false); rerr != nil {
+			panic(fmt.Sprintf("iouring: reactor: eventfd back to blocking: %v", rerr))
+		}
 		return err
 	}
 	r.efdFile = os.NewFile(uintptr(r.efd), "iouring-eventfd")
@@ -623,10 +631,24 @@ func (r *reactor) deliverCQE(ud uint64, res int32) {
 		// rare, and the request, unchanged, is simply run again.
 		s.retries++
 		r.nretry.Add(1)
-		r.held = append(r.held, idx)
+		r.requeueFirst(idx)
 		return
 	}
 	r.deliver(idx, res)
+}
+
+// requeueFirst puts idx at the head of the held requests: a request run
+// again must not be overtaken by a control request that waits for
+// nothing to be in flight (an arena must not be unregistered under it).
+func (r *reactor) requeueFirst(idx uint32) {
+	if r.heldHead > 0 {
+		r.heldHead--
+		r.held[r.heldHead] = idx
+		return
+	}
+	r.held = append(r.held, 0)
+	copy(r.held[1:], r.held)
+	r.held[0] = idx
 }
 
 // maxRetries bounds how often one request is run again after a

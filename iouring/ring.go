@@ -56,7 +56,8 @@ type RingOptions struct {
 // concurrent use.
 //
 // NewRing first tries IORING_SETUP_SINGLE_ISSUER|DEFER_TASKRUN (Linux 6.1+),
-// then COOP_TASKRUN (5.19+), then no flags. A SINGLE_ISSUER ring belongs to
+// then COOP_TASKRUN (5.19+), then no flags; with RingOptions.Notify only
+// SUBMIT_ALL, then no flags. A SINGLE_ISSUER ring belongs to
 // the OS thread that created it: the goroutine must call
 // runtime.LockOSThread before NewRing and hold the lock until Close returns;
 // calls from any other thread fail with ErrWrongThread. Set
