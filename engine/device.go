@@ -453,14 +453,12 @@ func (d *FileDevice) Close() error {
 	if err := d.io.Close(); err != nil {
 		errs = append(errs, err)
 	}
-	// Unlock first: closing the descriptor releases the flock only with
-	// the last reference to the open file, and the kernel may still hold
-	// one for a moment after the last completion was delivered (a ring
-	// that posts completions from task work frees its requests, and their
-	// file references, just after posting them). The io_uring File never
-	// touches the descriptor after Close returned.
-	// If stopping the I/O failed, requests may still be in flight: the
-	// lock then goes only with the descriptor's last reference.
+	// Unlock before closing: closing releases the flock only with the
+	// last reference to the open file, and the kernel's I/O workers may
+	// hold one for a moment after their last completion was delivered
+	// (see inUseWait). If stopping the I/O failed, requests may still be
+	// in flight, and the lock must go only with that last reference. The
+	// io_uring File never touches the descriptor after Close returned.
 	if len(errs) == 0 {
 		if err := lockDevice(d.fd, unix.LOCK_UN); err != nil {
 			errs = append(errs, fmt.Errorf("unlock: %w", err))

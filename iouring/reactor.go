@@ -183,8 +183,7 @@ type reactor struct {
 	takeBuf    []uint32
 	efdBuf     []byte
 	efdArmed   bool
-	locked     bool                  // the ring is bound to this goroutine's thread
-	efdFile    *os.File              // netpoll mode: the eventfd, owned by the netpoller
+	efdFile    *os.File              // netpoll mode (see netpoll): the eventfd, owned by the netpoller
 	efdConn    syscall.RawConn       // netpoll mode: for waiting on it
 	efdRead    func(fd uintptr) bool // netpoll mode: one eventfd read, made once
 	arena      *Arena
@@ -255,11 +254,7 @@ func startReactor(fd, qd int, sq uint32) (*reactor, string, error) {
 	desc := <-ready
 	if desc == "" {
 		<-r.done
-		if r.efdFile != nil {
-			r.efdFile.Close() // it owns the descriptor now
-		} else {
-			unix.Close(efd)
-		}
+		_ = r.closeEventfd() // the ring's error is the one to report
 		return nil, "", r.err
 	}
 	return r, desc, nil
@@ -275,7 +270,7 @@ func (r *reactor) run(sq uint32, ready chan<- string) {
 	}
 	if err != nil {
 		// No ring, nothing in flight: the thread may go back to the pool.
-		if r.locked {
+		if !r.netpoll() {
 			runtime.UnlockOSThread()
 		}
 		r.err = err
@@ -284,14 +279,14 @@ func (r *reactor) run(sq uint32, ready chan<- string) {
 	}
 	r.ring = ring
 	r.minWait = ring.HasMinWait() && batchWait >= time.Microsecond
-	wait := "waits in the netpoller"
-	if r.locked {
-		wait = "waits in io_uring_enter"
+	wait := "waits in io_uring_enter"
+	if r.netpoll() {
+		wait = "waits in the netpoller"
 	}
 	ready <- fmt.Sprintf("SQ %d, CQ %d, %s, %s", ring.SQEntries(), ring.CQEntries(), ring.Flags(), wait)
 	r.loop()
 	r.err = r.shutdown()
-	if r.locked {
+	if !r.netpoll() {
 		// Only now, with nothing in flight and the ring closed, may the
 		// goroutine leave its thread.
 		runtime.UnlockOSThread()
@@ -313,8 +308,20 @@ func (r *reactor) openRing(sq uint32) (*Ring, error) {
 		}
 	}
 	runtime.LockOSThread()
-	r.locked = true
 	return newRingHook(RingOptions{Entries: sq})
+}
+
+// netpoll reports whether the reactor waits in the netpoller; otherwise
+// it holds its OS thread (LockOSThread) and waits in io_uring_enter.
+func (r *reactor) netpoll() bool { return r.efdFile != nil }
+
+// closeEventfd closes the eventfd, through the os.File that owns it in
+// netpoll mode.
+func (r *reactor) closeEventfd() error {
+	if r.netpoll() {
+		return r.efdFile.Close()
+	}
+	return unix.Close(r.efd)
 }
 
 // useNetpoll registers the eventfd with ring and hands it to the netpoller.
@@ -364,7 +371,7 @@ func (r *reactor) loop() {
 			}
 		}
 		r.nsleep.Add(1)
-		if r.efdConn != nil {
+		if r.netpoll() {
 			r.sleep()
 		} else {
 			wait := uint32(1)
@@ -462,7 +469,7 @@ func (r *reactor) sleep() {
 }
 
 func (r *reactor) armEventfd() {
-	if r.efdFile != nil || r.efdArmed || r.ring.SQSpace() == 0 {
+	if r.netpoll() || r.efdArmed || r.ring.SQSpace() == 0 {
 		return
 	}
 	if err := r.ring.PrepRead(r.efd, r.efdBuf, 0, efdUserData); err != nil {
@@ -622,7 +629,7 @@ func (r *reactor) deliverCQE(ud uint64, res int32) {
 	if cqeHook != nil {
 		res = cqeHook(ud, res)
 	}
-	if s := &r.slots[idx]; res == -int32(syscall.ECANCELED) && !r.locked && s.retries < maxRetries {
+	if s := &r.slots[idx]; res == -int32(syscall.ECANCELED) && r.netpoll() && s.retries < maxRetries {
 		// The reactor cancels nothing. A ring not bound to one thread
 		// ties each request to the thread that entered the kernel for
 		// it, and when that thread exits the kernel cancels what it
@@ -1050,13 +1057,7 @@ func (b *uringBackend) close() error {
 		if r.err != nil {
 			errs = append(errs, r.err)
 		}
-		var err error
-		if r.efdFile != nil {
-			err = r.efdFile.Close()
-		} else {
-			err = unix.Close(r.efd)
-		}
-		if err != nil {
+		if err := r.closeEventfd(); err != nil {
 			errs = append(errs, fmt.Errorf("iouring: close eventfd: %w", err))
 		}
 	}
