@@ -191,7 +191,7 @@ type Engine struct {
 	stop    chan struct{}
 	bgDone  chan struct{}
 	bufPool sync.Pool      // aligned maxIO buffers for bounce copies
-	wbSem   chan struct{}  // writeback device I/Os in flight (ioParallel)
+	wbq     wbQueue        // writeback device I/Os (ioParallel workers)
 	raWG    sync.WaitGroup // readahead reads in flight (see readAheadLocked)
 
 	allocations, devWrites, devReads, devBytesW, devBytesR atomic.Uint64
@@ -440,7 +440,6 @@ func open(dev Device, opts Options) (*Engine, error) {
 	e.ckptBytes.Store(int64(l.ckpt.encodedLen))
 	e.logged.Store(int64(l.ring.used) * int64(e.bs))
 	e.bufPool.New = func() any { b := alignedBuf(max(maxIOBytes, e.bs)); return &b }
-	e.wbSem = make(chan struct{}, ioParallel)
 	for _, mo := range l.state.byID {
 		o := e.newObject(mo.id, mo.name, mo.tree)
 		o.size, o.diskSize = mo.size, mo.size
