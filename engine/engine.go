@@ -43,10 +43,11 @@ const (
 	// maxIOBytes caps one device I/O issued by writeback or a read.
 	maxIOBytes = 1 << 20
 	// ioParallel bounds the device I/Os of writeback in flight, over all
-	// objects: enough to keep a device at its sequential-write speed
-	// (fio reaches it at 16 × 1 MiB), and no more, for queueing deeper
-	// only makes every I/O wait longer (a loop device slows down).
-	ioParallel = 16
+	// objects (see wbQueue). On a loop device a 1 MiB sequential writer
+	// ran 9 % faster at 32 than at 16 (eight alternating runs each), and
+	// 48 gained nothing more while the 4 KiB appenders lost a little:
+	// past the device's own depth, queueing only makes every I/O wait.
+	ioParallel = 32
 	// bgWriters and syncWriters: how many objects background writeback and
 	// Sync write back at once (their device I/Os share ioParallel).
 	bgWriters   = 8
