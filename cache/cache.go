@@ -159,6 +159,12 @@ type Cache struct {
 
 	freeMu sync.Mutex
 	free   []uint32
+	// streams, reserved and streamTick are AllocStream's (see stream.go):
+	// the frames set aside for appenders, which are free frames too.
+	streams    map[uint64]*streamRun
+	reserved   int
+	streamTick uint64
+	streamLen  int // immutable: frames a stream takes at a time; 0 = off
 	// waitCh is closed (and cleared) when a frame is freed or becomes
 	// evictable while allocWaiters > 0.
 	waitCh chan struct{}
@@ -245,6 +251,8 @@ func New(opts Options) (*Cache, error) {
 		door:      newDoorkeeper(frames),
 		pages:     make([]Page, frames),
 		free:      make([]uint32, frames),
+		streams:   make(map[uint64]*streamRun),
+		streamLen: streamLenFor(frames),
 		cleanCap:  cleanCap,
 		reserve:   reserve,
 		kick:      opts.Kick,
@@ -327,7 +335,7 @@ type Stats struct {
 // not atomically together.
 func (c *Cache) Stats() Stats {
 	c.freeMu.Lock()
-	free := len(c.free)
+	free := len(c.free) + c.reserved
 	c.freeMu.Unlock()
 	var hits, misses uint64
 	for i := range c.shards {
@@ -413,6 +421,7 @@ func (c *Cache) Close() error {
 		}
 	}
 	c.freeMu.Lock()
+	c.reclaimStreamsLocked()
 	free := len(c.free)
 	c.freeMu.Unlock()
 	if free != len(c.pages) {

@@ -319,12 +319,14 @@ func (c *Cache) RemoveRange(obj uint64, start, n int64) {
 	c.removeScan(obj, start, end)
 }
 
-// RemoveObject removes every clean page of obj and detaches its Loads in flight.
+// RemoveObject removes every clean page of obj, detaches its Loads in flight
+// and drops its stream (see AllocStream).
 func (c *Cache) RemoveObject(obj uint64) {
 	if c.closed.Load() {
 		return
 	}
 	c.removeScan(obj, math.MinInt64, math.MaxInt64)
+	c.DropStream(obj)
 }
 
 // removeScan removes keys of obj with start <= Block < end (end MaxInt64

@@ -93,7 +93,7 @@ func (c *Cache) page(handle uint64) *Page { return &c.pages[handle>>32] }
 
 func (c *Cache) freeFrame(idx uint32) {
 	c.freeMu.Lock()
-	if len(c.free) >= len(c.pages) {
+	if len(c.free)+c.reserved >= len(c.pages) {
 		c.freeMu.Unlock()
 		panic(fmt.Sprintf("cache: frame %d freed while the free list already holds every frame", idx))
 	}
@@ -117,6 +117,9 @@ func (c *Cache) wakeAllocWaiters() {
 // popFree takes a frame off the free list, or returns nil.
 func (c *Cache) popFree() *Page {
 	c.freeMu.Lock()
+	if len(c.free) == 0 && c.reserved > 0 {
+		c.reclaimStreamsLocked()
+	}
 	n := len(c.free)
 	if n == 0 {
 		c.freeMu.Unlock()
@@ -145,6 +148,9 @@ func (c *Cache) AllocRun(dst []*Page, n int) []*Page {
 		return dst
 	}
 	c.freeMu.Lock()
+	if len(c.free) < n && c.reserved > 0 {
+		c.reclaimStreamsLocked()
+	}
 	k := min(n, len(c.free))
 	var arr [512]uint32 // a 1 MiB write of 4 KiB blocks takes 257
 	idxs := append(arr[:0], c.free[len(c.free)-k:]...)
@@ -183,9 +189,9 @@ func (c *Cache) Alloc(ctx context.Context) (*Page, error) {
 		// evictable after this point closes ch; one before it is found by
 		// the rescan.
 		c.freeMu.Lock()
-		if len(c.free) > 0 {
+		if len(c.free) > 0 || c.reserved > 0 {
 			c.freeMu.Unlock()
-			continue
+			continue // popFree takes the streams' frames back
 		}
 		c.allocWaiters.Add(1)
 		if c.waitCh == nil {

@@ -47,8 +47,17 @@ func (e *Engine) writePages(pages []wpage, done func([]wpage)) error {
 	var runs []wbRun
 	for i := 0; i < len(pages); {
 		j := i + 1
+		span := true // pages[i:j] have frames that follow each other
 		for j < len(pages) && j-i < maxRun &&
 			pages[j].blk == pages[j-1].blk+1 && pages[j].phys == pages[j-1].phys+1 {
+			follows := pages[j].pg.Follows(pages[j-1].pg)
+			if span && !follows && j-i >= minSpanPages {
+				// A long run of following frames goes out as one
+				// buffer (see writeRun): end the I/O where they stop
+				// following rather than send it all as a vector.
+				break
+			}
+			span = span && follows
 			j++
 		}
 		runs = append(runs, wbRun{pages: pages[i:j], g: g})
@@ -59,6 +68,12 @@ func (e *Engine) writePages(pages []wpage, done func([]wpage)) error {
 	g.wg.Wait()
 	return g.first
 }
+
+// minSpanPages is the shortest run of following frames that writePages
+// ends an I/O for, when the next frame does not follow: an appender's
+// frames come in cache streams of up to 512, so its I/Os would otherwise
+// straddle two streams' frames and go out as vectors of single pages.
+const minSpanPages = 32
 
 // wbRun is one writeback I/O: pages with consecutive blocks, mapped to
 // consecutive physical blocks.
