@@ -276,11 +276,17 @@ func runModel(rt *rapid.T, dev Device) {
 	if err := Format(dev, FormatOptions{BlockSize: bsz}); err != nil {
 		rt.Fatal(err)
 	}
-	// Either a 4 MiB cache with a 1 MiB dirty limit, or the smallest the
-	// block size allows, where every few writes go through writeback.
-	opts := Options{CacheSize: 4 << 20, DirtyLimit: 1 << 20}
-	if rapid.Bool().Draw(rt, "tiny cache") {
+	// A 4 MiB cache with a 1 MiB dirty limit; the smallest the block
+	// size allows, where every few writes go through writeback; or one
+	// big enough for appenders' frame streams (cache.AllocStream).
+	var opts Options
+	switch rapid.SampledFrom([]string{"small", "tiny", "streams"}).Draw(rt, "cache") {
+	case "small":
+		opts = Options{CacheSize: 4 << 20, DirtyLimit: 1 << 20}
+	case "tiny":
 		opts = Options{CacheSize: max(1<<20, 160*int64(bsz))}
+	case "streams":
+		opts = Options{CacheSize: 20 << 20, DirtyLimit: 1 << 20}
 	}
 	e, err := Open(dev, opts)
 	if err != nil {
