@@ -117,9 +117,7 @@ func (c *Cache) wakeAllocWaiters() {
 // popFree takes a frame off the free list, or returns nil.
 func (c *Cache) popFree() *Page {
 	c.freeMu.Lock()
-	if len(c.free) == 0 && c.reserved > 0 {
-		c.reclaimStreamsLocked()
-	}
+	c.reclaimForLocked(1)
 	n := len(c.free)
 	if n == 0 {
 		c.freeMu.Unlock()
@@ -148,9 +146,7 @@ func (c *Cache) AllocRun(dst []*Page, n int) []*Page {
 		return dst
 	}
 	c.freeMu.Lock()
-	if len(c.free) < n && c.reserved > 0 {
-		c.reclaimStreamsLocked()
-	}
+	c.reclaimForLocked(n)
 	k := min(n, len(c.free))
 	var arr [512]uint32 // a 1 MiB write of 4 KiB blocks takes 257
 	idxs := append(arr[:0], c.free[len(c.free)-k:]...)

@@ -12,12 +12,15 @@ import "slices"
 // of the machine's CPU in a 4 KiB append benchmark) and the block layer
 // splits in two. AllocStream gives each appender a run of free frames of
 // its own, handed out in order, so its consecutive blocks get consecutive
-// frames and writeback sends them as one buffer.
+// frames (ascending, and following each other where the frames taken
+// from the free list do) and writeback sends them as one buffer.
 //
 // Frames in a stream are free frames: they hold no data, count as free in
-// Stats, and whoever finds the free list empty takes them back (popFree,
-// AllocRun, Alloc), so streams never make a writer wait. At most
-// maxStreams streams exist; a new one replaces the least recently used.
+// Stats, and whoever finds the free list short takes them back (popFree,
+// AllocRun, Alloc; the least recently used stream first), so streams
+// never make a writer wait. At most maxStreams streams exist; a new one
+// replaces the least recently used; and while free frames are short
+// (under two refills' worth) a stream takes only what it hands out.
 
 // maxStreams bounds the streams; with streamLen frames each they hold at
 // most a sixteenth of the cache.
@@ -69,12 +72,18 @@ func (c *Cache) AllocStream(id uint64, dst []*Page, n int) []*Page {
 	s.used = c.streamTick
 	for len(got) < n {
 		if len(s.idx) == 0 {
-			if len(c.free) == 0 && c.reserved > 0 {
+			for len(c.free) == 0 && c.reserved > 0 {
 				// Other streams hold the last free frames.
-				c.reclaimStreamsLocked()
+				c.dropLRUStreamLocked()
 				c.streams[id] = s
 			}
 			k := min(c.streamLen, len(c.free))
+			if len(c.free) < 2*c.streamLen {
+				// Free frames run short: set none aside, or a refill
+				// would empty the free list, be taken back by the next
+				// allocation and set aside again, write after write.
+				k = min(n-len(got), len(c.free))
+			}
 			if k == 0 {
 				break
 			}
@@ -133,10 +142,19 @@ func (c *Cache) dropLRUStreamLocked() {
 	}
 }
 
-// reclaimStreamsLocked gives every stream's frames back to the free list:
-// someone found it empty. freeMu is held.
+// reclaimStreamsLocked gives every stream's frames back to the free list.
+// freeMu is held.
 func (c *Cache) reclaimStreamsLocked() {
 	for id, s := range c.streams {
 		c.returnStreamLocked(id, s)
+	}
+}
+
+// reclaimForLocked gives streams' frames back to the free list, the least
+// recently used first, until it holds n frames or no stream holds any.
+// freeMu is held.
+func (c *Cache) reclaimForLocked(n int) {
+	for len(c.free) < n && c.reserved > 0 {
+		c.dropLRUStreamLocked()
 	}
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"slices"
 	"sync"
 )
 
@@ -34,45 +35,68 @@ func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
 	return whole("read", n, total, off, err)
 }
 
-// writePages writes a writeback batch: pages with consecutive blocks and
-// consecutive physical blocks go out as one I/O of up to maxIOBytes,
-// through the engine's writeback queue (see wbQueue).
+// writePages writes a writeback batch of the object lane: pages with
+// consecutive blocks and consecutive physical blocks go out as one I/O of
+// up to maxIOBytes, through the engine's writeback queue (see wbQueue).
 //
-// done, if set, is called (from the I/O's goroutine) with the pages of each
-// I/O that completed, so the caller can let writers reuse their dirty budget
-// while the rest of the batch is in flight.
-func (e *Engine) writePages(pages []wpage, done func([]wpage)) error {
-	maxRun := max(maxIOBytes>>e.shift, 1)
+// done, if set, is called (from a writeback worker, so it must not block)
+// with the pages of each I/O that completed, so the caller can let writers
+// reuse their dirty budget while the rest of the batch is in flight.
+func (e *Engine) writePages(lane uint64, pages []wpage, done func([]wpage)) error {
 	g := &wbGroup{done: done}
-	var runs []wbRun
-	for i := 0; i < len(pages); {
-		j := i + 1
-		span := true // pages[i:j] have frames that follow each other
-		for j < len(pages) && j-i < maxRun &&
-			pages[j].blk == pages[j-1].blk+1 && pages[j].phys == pages[j-1].phys+1 {
-			follows := pages[j].pg.Follows(pages[j-1].pg)
-			if span && !follows && j-i >= minSpanPages {
-				// A long run of following frames goes out as one
-				// buffer (see writeRun): end the I/O where they stop
-				// following rather than send it all as a vector.
-				break
-			}
-			span = span && follows
-			j++
-		}
-		runs = append(runs, wbRun{pages: pages[i:j], g: g})
-		i = j
+	parts := splitRuns(pages, max(maxIOBytes>>e.shift, 1))
+	runs := make([]wbRun, len(parts))
+	for k, ps := range parts {
+		runs[k] = wbRun{pages: ps, g: g}
 	}
 	g.wg.Add(len(runs))
-	e.wbq.push(e, runs)
+	e.wbq.push(e, lane, runs)
 	g.wg.Wait()
 	return g.first
 }
 
-// minSpanPages is the shortest run of following frames that writePages
-// ends an I/O for, when the next frame does not follow: an appender's
-// frames come in cache streams of up to 512, so its I/Os would otherwise
-// straddle two streams' frames and go out as vectors of single pages.
+// splitRuns cuts pages into I/Os: each of consecutive blocks mapped to
+// consecutive physical blocks, at most maxRun pages. Frames that follow
+// each other go out as one buffer (see writeRun), the rest as a vector of
+// pages; a stretch of at least minSpanPages following frames (an
+// appender's frame stream) gets I/Os of its own rather than joining a
+// vector.
+func splitRuns(pages []wpage, maxRun int) [][]wpage {
+	// chain[k]: how many pages from k on are contiguous and have frames
+	// that follow each other (see Page.Follows).
+	chain := make([]int32, len(pages))
+	for k := len(pages) - 1; k >= 0; k-- {
+		chain[k] = 1
+		if k+1 < len(pages) && contiguous(pages[k], pages[k+1]) && pages[k+1].pg.Follows(pages[k].pg) {
+			chain[k] += chain[k+1]
+		}
+	}
+	var out [][]wpage
+	for i := 0; i < len(pages); {
+		j := i + 1
+		for j < len(pages) && j-i < maxRun && contiguous(pages[j-1], pages[j]) {
+			span := int(chain[i]) >= j-i
+			if span && int(chain[i]) == j-i && j-i >= minSpanPages {
+				break // the stretch [i, j) ends here
+			}
+			if !span && chain[j] >= minSpanPages {
+				break // a stretch starts at j
+			}
+			j++
+		}
+		out = append(out, pages[i:j])
+		i = j
+	}
+	return out
+}
+
+// contiguous reports whether b follows a in the object and on the device.
+func contiguous(a, b wpage) bool { return b.blk == a.blk+1 && b.phys == a.phys+1 }
+
+// minSpanPages is the shortest stretch of following frames that writePages
+// gives an I/O of its own: an appender's frames come in cache streams of
+// up to 512, so its I/Os would otherwise straddle two refills and go out
+// as vectors of single pages.
 const minSpanPages = 32
 
 // wbRun is one writeback I/O: pages with consecutive blocks, mapped to
@@ -90,31 +114,52 @@ type wbGroup struct {
 	first error
 }
 
-// wbQueue is the engine's writeback I/O queue: runs wait in order and at
-// most ioParallel workers take them, each going straight from one
-// completed I/O to the next queued one. A worker exits when it finds the
-// queue empty, and push starts workers while fewer than ioParallel run,
-// so an idle engine has none. With a goroutine per I/O, each I/O cost
-// five goroutine wake-ups (the run's goroutine, its submitter waiting for
-// a slot, the reactor twice, the waiter), each waiting for a CPU behind
-// the engine's writers on a 2-CPU machine: 16 writes were in flight for
-// the engine while the device held nine on average.
+// wbQueue is the engine's writeback I/O queue. Each object has a lane
+// whose runs go out in order (so a stream's batches complete in order);
+// the lanes with runs waiting take turns, one run each, so a small Sync
+// does not wait behind another object's hundreds of megabytes. At most
+// ioParallel workers take runs, each going straight from one completed
+// I/O to the next queued one; a worker exits when it finds the queue
+// empty, and push starts workers while fewer than ioParallel run, so an
+// idle engine has none. With a goroutine per I/O, each I/O cost five
+// goroutine wake-ups (the run's goroutine, its submitter waiting for a
+// slot, the reactor twice, the waiter), each waiting for a CPU behind the
+// engine's writers on a 2-CPU machine: 16 writes were in flight for the
+// engine while the device held nine on average.
 type wbQueue struct {
 	mu      sync.Mutex
-	runs    []wbRun
-	head    int
+	lanes   map[uint64]*wbLane // lanes with runs waiting
+	ring    []*wbLane          // the same, in turn order
+	next    int                // ring index of the lane whose turn it is
+	queued  int                // runs waiting, over all lanes
 	workers int
 }
 
-// push queues runs and starts the workers they need.
-func (q *wbQueue) push(e *Engine, runs []wbRun) {
-	q.mu.Lock()
-	if q.head == len(q.runs) {
-		clear(q.runs)
-		q.runs, q.head = q.runs[:0], 0
+// wbLane is one object's runs waiting: runs[head:].
+type wbLane struct {
+	id   uint64
+	runs []wbRun
+	head int
+}
+
+// push queues runs on lane and starts the workers they need.
+func (q *wbQueue) push(e *Engine, lane uint64, runs []wbRun) {
+	if len(runs) == 0 {
+		return
 	}
-	q.runs = append(q.runs, runs...)
-	start := min(ioParallel-q.workers, len(q.runs)-q.head)
+	q.mu.Lock()
+	l := q.lanes[lane]
+	if l == nil {
+		if q.lanes == nil {
+			q.lanes = make(map[uint64]*wbLane)
+		}
+		l = &wbLane{id: lane}
+		q.lanes[lane] = l
+		q.ring = append(q.ring, l)
+	}
+	l.runs = append(l.runs, runs...)
+	q.queued += len(runs)
+	start := min(ioParallel-q.workers, q.queued)
 	q.workers += start
 	q.mu.Unlock()
 	for range start {
@@ -122,17 +167,39 @@ func (q *wbQueue) push(e *Engine, runs []wbRun) {
 	}
 }
 
-// pop takes the oldest run; with none left the worker is done.
+// pop takes the next run of the lane whose turn it is; with none left
+// the worker is done.
 func (q *wbQueue) pop() (wbRun, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.head == len(q.runs) {
+	if q.queued == 0 {
 		q.workers--
 		return wbRun{}, false
 	}
-	r := q.runs[q.head]
-	q.runs[q.head] = wbRun{}
-	q.head++
+	if q.next >= len(q.ring) {
+		q.next = 0
+	}
+	l := q.ring[q.next]
+	r := l.runs[l.head]
+	l.runs[l.head] = wbRun{}
+	l.head++
+	q.queued--
+	switch {
+	case l.head == len(l.runs):
+		// Drained: the lane leaves the ring, and the next one's turn
+		// comes at the same index.
+		q.ring = slices.Delete(q.ring, q.next, q.next+1)
+		delete(q.lanes, l.id)
+	default:
+		if l.head >= 64 && 2*l.head >= len(l.runs) {
+			// A lane that never drains (a stream feeding it batch
+			// after batch) must not grow without bound.
+			n := copy(l.runs, l.runs[l.head:])
+			clear(l.runs[n:])
+			l.runs, l.head = l.runs[:n], 0
+		}
+		q.next++
+	}
 	return r, true
 }
 
