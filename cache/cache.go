@@ -421,7 +421,7 @@ func (c *Cache) Close() error {
 		}
 	}
 	c.freeMu.Lock()
-	c.reclaimStreamsLocked()
+	c.reclaimForLocked(len(c.pages))
 	free := len(c.free)
 	c.freeMu.Unlock()
 	if free != len(c.pages) {

@@ -1096,16 +1096,18 @@ func lruHotHitRatio(capacity, hot, scan int) float64 {
 // AllocRun ascending, so neighbours in the arena form one span; it never
 // takes more than asked or than is free, never evicts, and each frame it
 // hands out has one reference.
-func TestAllocRunSortsFreedFrames(t *testing.T) {
-	c := newTestCache(t, 4096, 64, 0)
+// allocAll takes every frame TryAlloc gives, one at a time.
+func allocAll(c *Cache) []*Page {
 	var held []*Page
-	for {
-		p := c.TryAlloc()
-		if p == nil {
-			break
-		}
+	for p := c.TryAlloc(); p != nil; p = c.TryAlloc() {
 		held = append(held, p)
 	}
+	return held
+}
+
+func TestAllocRunSortsFreedFrames(t *testing.T) {
+	c := newTestCache(t, 4096, 64, 0)
+	held := allocAll(c)
 	if got := c.AllocRun(nil, 4); len(got) != 0 {
 		t.Fatalf("AllocRun on an empty free list returned %d frames", len(got))
 	}

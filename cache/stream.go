@@ -72,9 +72,10 @@ func (c *Cache) AllocStream(id uint64, dst []*Page, n int) []*Page {
 	s.used = c.streamTick
 	for len(got) < n {
 		if len(s.idx) == 0 {
-			for len(c.free) == 0 && c.reserved > 0 {
-				// Other streams hold the last free frames.
-				c.dropLRUStreamLocked()
+			if len(c.free) == 0 && c.reserved > 0 {
+				// Other streams hold the last free frames (this one,
+				// empty, may go too: it is put back).
+				c.reclaimForLocked(1)
 				c.streams[id] = s
 			}
 			k := min(c.streamLen, len(c.free))
@@ -139,14 +140,6 @@ func (c *Cache) dropLRUStreamLocked() {
 	}
 	if lru != nil {
 		c.returnStreamLocked(lruID, lru)
-	}
-}
-
-// reclaimStreamsLocked gives every stream's frames back to the free list.
-// freeMu is held.
-func (c *Cache) reclaimStreamsLocked() {
-	for id, s := range c.streams {
-		c.returnStreamLocked(id, s)
 	}
 }
 

@@ -56,14 +56,7 @@ func TestAllocStreamGivesBack(t *testing.T) {
 		t.Fatalf("reserved %d, want %d", c.reserved, 2*(c.streamLen-1))
 	}
 	// Everything free, one frame at a time: the streams' frames included.
-	var held []*Page
-	for {
-		p := c.TryAlloc()
-		if p == nil {
-			break
-		}
-		held = append(held, p)
-	}
+	held := allocAll(c)
 	if len(held) != 8192-2 {
 		t.Fatalf("TryAlloc got %d frames with %d free", len(held), 8192-2)
 	}

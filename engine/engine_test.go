@@ -35,6 +35,13 @@ func newTestFileDevice(t testing.TB, size int64) Device {
 	return dev
 }
 
+// onMemAndFile runs fn as two subtests: on an in-memory device and on an
+// O_DIRECT temp file, each of size bytes with 4096-byte sectors.
+func onMemAndFile(t *testing.T, size int64, fn func(t *testing.T, dev Device)) {
+	t.Run("mem", func(t *testing.T) { fn(t, NewMemDevice(size, 4096)) })
+	t.Run("file", func(t *testing.T) { fn(t, newTestFileDevice(t, size)) })
+}
+
 func mustFormatOpen(t testing.TB, dev Device, opts Options) *Engine {
 	t.Helper()
 	if err := Format(dev, FormatOptions{}); err != nil {

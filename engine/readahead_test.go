@@ -14,79 +14,71 @@ import (
 // synced or not. Every read must see the object as it is now, never a
 // window's older copy.
 func TestReadaheadSeesChanges(t *testing.T) {
-	for _, devName := range []string{"mem", "file"} {
-		t.Run(devName, func(t *testing.T) {
-			var dev Device
-			if devName == "mem" {
-				dev = NewMemDevice(64<<20, 4096)
-			} else {
-				dev = newTestFileDevice(t, 64<<20)
-			}
-			seed := rand.Uint64()
-			t.Logf("seed %d", seed)
-			r := rand.New(rand.NewPCG(seed, 7))
-			const size = 8 << 20
-			model := randomBytes(r, size)
-			e, o := writeObject(t, dev, model)
-			for round := 0; round < 4; round++ {
-				// Close and reopen: the cache is cold, reads go to
-				// the device and readahead starts.
-				e, o = reopenCold(t, e, dev)
-				const chunk = 128 << 10
-				buf := make([]byte, chunk)
-				for off := int64(0); off < int64(len(model)); off += chunk {
-					n, err := o.ReadAt(buf, off)
-					want := model[off:min(off+chunk, int64(len(model)))]
-					if n != len(want) || !bytes.Equal(buf[:n], want) {
-						t.Fatalf("round %d: read at %d: %d bytes (err %v), differ from the model", round, off, n, err)
-					}
-					// Change something ahead, usually inside the
-					// windows (up to 1 MiB ahead), sometimes far.
-					at := off + chunk + r.Int64N(2<<20)
-					switch k := r.IntN(10); {
-					case k < 5 && at < int64(len(model)):
-						p := randomBytes(r, 1+r.IntN(20000))
-						if _, err := o.WriteAt(p, at); err != nil {
-							t.Fatal(err)
-						}
-						if end := at + int64(len(p)); end > int64(len(model)) {
-							model = append(model, make([]byte, end-int64(len(model)))...)
-						}
-						copy(model[at:], p)
-					case k < 7 && at < int64(len(model)):
-						l := min(1+r.Int64N(30000), int64(len(model))-at)
-						if err := o.PunchHole(at, l); err != nil {
-							t.Fatal(err)
-						}
-						clear(model[at : at+l])
-					case k < 8 && at < int64(len(model)) && r.IntN(4) == 0:
-						if err := o.Truncate(at); err != nil {
-							t.Fatal(err)
-						}
-						model = model[:at]
-					case k < 9:
-						if err := o.Sync(); err != nil {
-							t.Fatal(err)
-						}
-					}
+	onMemAndFile(t, 64<<20, func(t *testing.T, dev Device) {
+		seed := rand.Uint64()
+		t.Logf("seed %d", seed)
+		r := rand.New(rand.NewPCG(seed, 7))
+		const size = 8 << 20
+		model := randomBytes(r, size)
+		e, o := writeObject(t, dev, model)
+		for round := 0; round < 4; round++ {
+			// Close and reopen: the cache is cold, reads go to
+			// the device and readahead starts.
+			e, o = reopenCold(t, e, dev)
+			const chunk = 128 << 10
+			buf := make([]byte, chunk)
+			for off := int64(0); off < int64(len(model)); off += chunk {
+				n, err := o.ReadAt(buf, off)
+				want := model[off:min(off+chunk, int64(len(model)))]
+				if n != len(want) || !bytes.Equal(buf[:n], want) {
+					t.Fatalf("round %d: read at %d: %d bytes (err %v), differ from the model", round, off, n, err)
 				}
-				if got := o.Size(); got != int64(len(model)) {
-					t.Fatalf("size %d, model %d", got, len(model))
-				}
-				if len(model) < size/2 {
-					// Grow back so the next round has something to read.
-					p := randomBytes(r, size-len(model))
-					if _, err := o.WriteAt(p, int64(len(model))); err != nil {
+				// Change something ahead, usually inside the
+				// windows (up to 1 MiB ahead), sometimes far.
+				at := off + chunk + r.Int64N(2<<20)
+				switch k := r.IntN(10); {
+				case k < 5 && at < int64(len(model)):
+					p := randomBytes(r, 1+r.IntN(20000))
+					if _, err := o.WriteAt(p, at); err != nil {
 						t.Fatal(err)
 					}
-					model = append(model, p...)
+					if end := at + int64(len(p)); end > int64(len(model)) {
+						model = append(model, make([]byte, end-int64(len(model)))...)
+					}
+					copy(model[at:], p)
+				case k < 7 && at < int64(len(model)):
+					l := min(1+r.Int64N(30000), int64(len(model))-at)
+					if err := o.PunchHole(at, l); err != nil {
+						t.Fatal(err)
+					}
+					clear(model[at : at+l])
+				case k < 8 && at < int64(len(model)) && r.IntN(4) == 0:
+					if err := o.Truncate(at); err != nil {
+						t.Fatal(err)
+					}
+					model = model[:at]
+				case k < 9:
+					if err := o.Sync(); err != nil {
+						t.Fatal(err)
+					}
 				}
 			}
-			if err := e.Close(); err != nil {
-				t.Fatal(err)
+			if got := o.Size(); got != int64(len(model)) {
+				t.Fatalf("size %d, model %d", got, len(model))
 			}
-		})
-	}
+			if len(model) < size/2 {
+				// Grow back so the next round has something to read.
+				p := randomBytes(r, size-len(model))
+				if _, err := o.WriteAt(p, int64(len(model))); err != nil {
+					t.Fatal(err)
+				}
+				model = append(model, p...)
+			}
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	})
 }
 
 // TestReadaheadFailures fails device reads (errors and short reads) while a

@@ -95,10 +95,10 @@ func TestSplitRuns(t *testing.T) {
 	for k, p := range frames {
 		pages[k] = wpage{blk: int64(k), phys: 1000 + int64(k), pg: p}
 	}
-	lens := func(runs [][]wpage) []int {
+	lens := func(runs []wbRun) []int {
 		var out []int
 		for _, r := range runs {
-			out = append(out, len(r))
+			out = append(out, len(r.pages))
 		}
 		return out
 	}
@@ -113,8 +113,12 @@ func TestSplitRuns(t *testing.T) {
 		}
 		return true
 	}
-	if got, want := lens(splitRuns(pages, 256)), []int{40, 10, 100}; !eq(got, want) {
+	runs := splitRuns(pages, 256)
+	if got, want := lens(runs), []int{40, 10, 100}; !eq(got, want) {
 		t.Fatalf("runs %v, want %v", got, want)
+	}
+	if !runs[0].span || runs[1].span || !runs[2].span {
+		t.Fatalf("span flags %v %v %v, want true false true", runs[0].span, runs[1].span, runs[2].span)
 	}
 	if got, want := lens(splitRuns(pages, 64)), []int{40, 10, 64, 36}; !eq(got, want) {
 		t.Fatalf("maxRun 64: runs %v, want %v", got, want)

@@ -44,10 +44,9 @@ func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
 // reuse their dirty budget while the rest of the batch is in flight.
 func (e *Engine) writePages(lane uint64, pages []wpage, done func([]wpage)) error {
 	g := &wbGroup{done: done}
-	parts := splitRuns(pages, max(maxIOBytes>>e.shift, 1))
-	runs := make([]wbRun, len(parts))
-	for k, ps := range parts {
-		runs[k] = wbRun{pages: ps, g: g}
+	runs := splitRuns(pages, max(maxIOBytes>>e.shift, 1))
+	for k := range runs {
+		runs[k].g = g
 	}
 	g.wg.Add(len(runs))
 	e.wbq.push(e, lane, runs)
@@ -55,13 +54,13 @@ func (e *Engine) writePages(lane uint64, pages []wpage, done func([]wpage)) erro
 	return g.first
 }
 
-// splitRuns cuts pages into I/Os: each of consecutive blocks mapped to
-// consecutive physical blocks, at most maxRun pages. Frames that follow
-// each other go out as one buffer (see writeRun), the rest as a vector of
-// pages; a stretch of at least minSpanPages following frames (an
-// appender's frame stream) gets I/Os of its own rather than joining a
-// vector.
-func splitRuns(pages []wpage, maxRun int) [][]wpage {
+// splitRuns cuts pages into I/Os (their group left unset): each of
+// consecutive blocks mapped to consecutive physical blocks, at most maxRun
+// pages. Frames that follow each other go out as one buffer (span; see
+// writeRun), the rest as a vector of pages; a stretch of at least
+// minSpanPages following frames (an appender's frame stream) gets I/Os of
+// its own rather than joining a vector.
+func splitRuns(pages []wpage, maxRun int) []wbRun {
 	// chain[k]: how many pages from k on are contiguous and have frames
 	// that follow each other (see Page.Follows).
 	chain := make([]int32, len(pages))
@@ -71,7 +70,7 @@ func splitRuns(pages []wpage, maxRun int) [][]wpage {
 			chain[k] += chain[k+1]
 		}
 	}
-	var out [][]wpage
+	var out []wbRun
 	for i := 0; i < len(pages); {
 		j := i + 1
 		for j < len(pages) && j-i < maxRun && contiguous(pages[j-1], pages[j]) {
@@ -84,7 +83,7 @@ func splitRuns(pages []wpage, maxRun int) [][]wpage {
 			}
 			j++
 		}
-		out = append(out, pages[i:j])
+		out = append(out, wbRun{pages: pages[i:j], span: int(chain[i]) >= j-i})
 		i = j
 	}
 	return out
@@ -103,6 +102,7 @@ const minSpanPages = 32
 // consecutive physical blocks.
 type wbRun struct {
 	pages []wpage
+	span  bool // the pages' frames follow each other in the arena
 	g     *wbGroup
 }
 
@@ -210,7 +210,7 @@ func (e *Engine) wbWorker() {
 		if !ok {
 			return
 		}
-		err := e.writeRun(r.pages)
+		err := e.writeRun(r)
 		g := r.g
 		if err != nil {
 			g.mu.Lock()
@@ -224,11 +224,12 @@ func (e *Engine) wbWorker() {
 }
 
 // writeRun writes one run's pages with one device I/O.
-func (e *Engine) writeRun(ps []wpage) error {
-	if n := followingFrames(ps); n == len(ps) {
+func (e *Engine) writeRun(r wbRun) error {
+	ps := r.pages
+	if r.span {
 		// Frames are aligned, and these follow each other in the arena:
 		// write them where they are, as one buffer.
-		return e.writeDev(ps[0].pg.Span(n), ps[0].phys<<e.shift)
+		return e.writeDev(ps[0].pg.Span(len(ps)), ps[0].phys<<e.shift)
 	}
 	if v, ok := e.dev.(vectorDevice); ok {
 		bufs := make([][]byte, len(ps))
@@ -244,14 +245,4 @@ func (e *Engine) writeRun(ps []wpage) error {
 		copy(buf[k*e.bs:], w.pg.Data())
 	}
 	return e.writeDev(buf, ps[0].phys<<e.shift)
-}
-
-// followingFrames returns how many of ps, from the first, have frames that
-// follow each other in the cache's arena.
-func followingFrames(ps []wpage) int {
-	n := 1
-	for n < len(ps) && ps[n].pg.Follows(ps[n-1].pg) {
-		n++
-	}
-	return n
 }
