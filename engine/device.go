@@ -377,6 +377,19 @@ func (d *FileDevice) Flush() error {
 	return nil
 }
 
+// poller is a Device whose I/O completions may need the writers' help to
+// be noticed promptly (see iouring.File.Poll). The engine calls Poll
+// between the chunks its writers copy into the page cache; a Device
+// without it loses nothing.
+type poller interface {
+	Poll()
+}
+
+// Poll lets the caller submit queued requests and deliver completions of
+// the device's io_uring while its reactor sleeps (see iouring.File.Poll);
+// it never blocks and is safe after Close.
+func (d *FileDevice) Poll() { d.io.Poll() }
+
 // Do validates every op (alignment, range, read-only; a vectored op, with
 // Bufs set, under the rules of ReadvAt) and, only if all pass, issues them
 // at once with many in flight; it sets each op's N and Err and returns the

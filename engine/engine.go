@@ -118,6 +118,7 @@ var errInvalid = fs.ErrInvalid
 // Engine is an open rawblock device. All methods are safe for concurrent use.
 type Engine struct {
 	dev      Device
+	poll     func() // the device's Poll (see poller), or a no-op
 	sb       superblock
 	bs       int
 	shift    uint
@@ -417,6 +418,7 @@ func open(dev Device, opts Options) (*Engine, error) {
 	sb := l.sb
 	e := &Engine{
 		dev:       dev,
+		poll:      func() {},
 		sb:        sb,
 		bs:        int(sb.BlockSize),
 		readOnly:  opts.ReadOnly,
@@ -437,6 +439,9 @@ func open(dev Device, opts Options) (*Engine, error) {
 		e.shift++
 	}
 	e.ccond = sync.NewCond(&e.cmu)
+	if p, ok := dev.(poller); ok {
+		e.poll = p.Poll
+	}
 	e.ringUsed.Store(e.ring.used)
 	e.ckptBytes.Store(int64(l.ckpt.encodedLen))
 	e.logged.Store(int64(l.ring.used) * int64(e.bs))

@@ -550,6 +550,9 @@ func (o *Object) writeAt(p []byte, off int64) (int, error) {
 		reserved -= o.recordLocked(cb, ce, min(off+int64(len(p)), ce*bs), reserved)
 		o.mu.Unlock()
 		cb = ce
+		// Copying keeps the CPUs busy; move the device's queue along, or
+		// its completions can wait for the scheduler (see poller).
+		e.poll()
 	}
 	o.noteWrite(off, int64(len(p)), oldSize)
 	return written, nil

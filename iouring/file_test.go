@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -246,7 +247,13 @@ func TestFileRetriesCancelled(t *testing.T) {
 
 // concurrentRandomIO: 32 goroutines make total random 4 KiB writes, then
 // read every block back and check it byte for byte.
-func concurrentRandomIO(t *testing.T, mode Mode, total int) {
+func concurrentRandomIO(t *testing.T, mode Mode, total int) *File {
+	return concurrentRandomIOPolled(t, mode, total, 0)
+}
+
+// concurrentRandomIOPolled is concurrentRandomIO with pollers goroutines
+// calling Poll in a loop meanwhile; it returns the File, still open.
+func concurrentRandomIOPolled(t *testing.T, mode Mode, total, pollers int) *File {
 	const (
 		bs      = 4096
 		blocks  = 1024
@@ -254,6 +261,27 @@ func concurrentRandomIO(t *testing.T, mode Mode, total int) {
 	)
 	osf := tempDirect(t, blocks*bs)
 	f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode, QueueDepth: 32})
+	stopPoll := make(chan struct{})
+	var pollWG sync.WaitGroup
+	for range pollers {
+		pollWG.Add(1)
+		go func() {
+			defer pollWG.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stopPoll:
+					return
+				default:
+				}
+				f.Poll()
+				if i%64 == 0 {
+					runtime.Gosched()
+				}
+			}
+		}()
+	}
+	defer pollWG.Wait()
+	defer close(stopPoll)
 	// Worker w owns blocks b with b%workers == w, so the expected
 	// content of each block is known without locking.
 	version := make([]uint64, blocks)
@@ -315,6 +343,87 @@ func concurrentRandomIO(t *testing.T, mode Mode, total int) {
 			t.Errorf("stats count %d requests, made at least %d", st.Requests, want)
 		}
 	}
+	return f
+}
+
+// TestFilePoll: callers that poll drive the ring correctly alongside the
+// reactor, and on their own when the reactor cannot run.
+func TestFilePoll(t *testing.T) {
+	t.Run("concurrent", func(t *testing.T) {
+		for _, mode := range modes(t) {
+			t.Run(string(mode), func(t *testing.T) {
+				f := concurrentRandomIOPolled(t, mode, 4000, 2)
+				if st := f.Stats(); mode == ModeIOURing && st.Polls == 0 {
+					t.Errorf("pollers never did the reactor's work: %+v", st)
+				} else if mode == ModePsync && st.Polls != 0 {
+					t.Errorf("psync counts %d polls", st.Polls)
+				}
+			})
+		}
+	})
+	t.Run("reactor-stuck", func(t *testing.T) {
+		needIOURing(t)
+		// The reactor stops in its first sleep until released: only
+		// Poll can submit the write and deliver its completion.
+		release := make(chan struct{})
+		var once sync.Once
+		stuck := make(chan struct{})
+		sleepHook = func() {
+			once.Do(func() {
+				close(stuck)
+				<-release
+			})
+		}
+		osf := tempDirect(t, 1<<16)
+		f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: ModeIOURing, QueueDepth: 4})
+		t.Cleanup(func() { sleepHook = nil })
+		defer close(release) // before the File's Close, which needs the reactor
+		<-stuck
+		buf := directio.AlignedBlock(4096)
+		fill(buf, 3, 1)
+		done := make(chan error, 1)
+		go func() {
+			_, err := f.WriteAt(buf, 3*4096)
+			done <- err
+		}()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			f.Poll()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("WriteAt: %v", err)
+				}
+				got := directio.AlignedBlock(4096) // osf is O_DIRECT
+				if _, err := osf.ReadAt(got, 3*4096); err != nil || !bytes.Equal(got, buf) {
+					t.Fatalf("block 3 after the polled write: %v, equal %v", err, bytes.Equal(got, buf))
+				}
+				if st := f.Stats(); st.Polls == 0 {
+					t.Errorf("stats count no poll: %+v", st)
+				}
+				return
+			default:
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the write did not complete in 10 s with the reactor stuck and Poll called")
+			}
+			runtime.Gosched()
+		}
+	})
+	t.Run("after-close", func(t *testing.T) {
+		for _, mode := range modes(t) {
+			osf := tempDirect(t, 1<<16)
+			f, err := NewFile(int(osf.Fd()), FileOptions{Mode: mode})
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Poll()
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			f.Poll() // must neither block nor touch the unmapped ring
+		}
+	})
 }
 
 // TestFileTinyQueue runs far more concurrent requests than the ring's CQ has

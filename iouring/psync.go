@@ -175,6 +175,9 @@ func (b *psyncBackend) registerArena(*Arena) (string, error) {
 	return "", nil
 }
 
+// poll has nothing to do: psync callers do their own I/O.
+func (b *psyncBackend) poll() {}
+
 func (b *psyncBackend) stats() FileStats {
 	return FileStats{Requests: b.nreq.Load()}
 }

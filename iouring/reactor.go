@@ -175,7 +175,15 @@ type reactor struct {
 	done   chan struct{}
 	err    error // set by the loop before done is closed
 
-	// Owned by the reactor goroutine.
+	// own is held by whoever drives the ring: the reactor goroutine,
+	// except while it sleeps in the netpoller, or a goroutine in poll. The
+	// reactor takes it when it starts and keeps it from the end of its
+	// loop on, so nobody touches a closed ring.
+	own sync.Mutex
+	// asleep is set while the reactor sleeps in the netpoller, without own.
+	asleep atomic.Bool
+
+	// Guarded by own.
 	ring       *Ring
 	inflight   int      // user requests submitted, not completed
 	held       []uint32 // taken from intake, not yet prepared
@@ -197,7 +205,7 @@ type reactor struct {
 	// waking counts waiters signalled that have not resumed yet.
 	waking atomic.Int64
 
-	nreq, nenter, nsleep, nkick, npark, nretry atomic.Uint64
+	nreq, nenter, nsleep, nkick, npark, nretry, npoll atomic.Uint64
 }
 
 type uringBackend struct {
@@ -353,6 +361,7 @@ func (r *reactor) useNetpoll(ring *Ring) error {
 }
 
 func (r *reactor) loop() {
+	r.own.Lock() // never unlocked after the loop: see own
 	for {
 		r.armEventfd()
 		r.take()
@@ -463,9 +472,48 @@ func (r *reactor) sleep() {
 	if r.ring.cqReady() > 0 {
 		return
 	}
-	if err := r.efdConn.Read(r.efdRead); err != nil {
+	r.asleep.Store(true)
+	r.own.Unlock()
+	if sleepHook != nil {
+		sleepHook()
+	}
+	err := r.efdConn.Read(r.efdRead)
+	r.own.Lock()
+	r.asleep.Store(false)
+	if err != nil {
 		panic(fmt.Sprintf("iouring: reactor: eventfd read: %v", err))
 	}
+}
+
+// poll does a sleeping reactor's work on the calling goroutine: it
+// submits what callers pushed and delivers the completions that are
+// there, without waiting for anything. It does nothing when the reactor
+// is awake, holds its thread (locked mode: the ring may accept only that
+// thread's submissions), or someone else is polling.
+//
+// Why: the netpoller, where the reactor sleeps, is consulted by Go's
+// scheduler only when a P runs out of goroutines, and otherwise by sysmon
+// every 10 ms. Goroutines that keep both CPUs busy (writers copying into
+// the page cache) therefore leave completions unreaped and requests
+// unsubmitted for milliseconds while the device idles. Those goroutines
+// call poll between pieces of their work and move the ring along.
+func (r *reactor) poll() {
+	// A kick may already be on its way (the sleep bit is then clear), but
+	// it too waits for the netpoller; so does the completions' signal.
+	if !r.asleep.Load() || !r.own.TryLock() {
+		return
+	}
+	defer r.own.Unlock()
+	r.takeKeepSleep()
+	r.prepHeld()
+	sub := r.ring.Pending()
+	if sub > 0 {
+		r.submit(0)
+	}
+	if r.ring.Reap(r.complete)+sub > 0 {
+		r.npoll.Add(1)
+	}
+	r.flushWakes()
 }
 
 func (r *reactor) armEventfd() {
@@ -526,10 +574,30 @@ func (r *reactor) kickIfAsleep() {
 	}
 }
 
-// take moves everything in intake to held, oldest first.
+// take moves everything in intake to held, oldest first, and clears the
+// sleep bit: the reactor is awake.
 func (r *reactor) take() {
-	w := r.intake.Swap(0)
-	top := uint32(w)
+	r.takeList(uint32(r.intake.Swap(0)))
+}
+
+// takeKeepSleep is take for poll: the reactor still sleeps, so pushers
+// must still find the sleep bit and kick it when nobody polls.
+func (r *reactor) takeKeepSleep() {
+	for {
+		w := r.intake.Load()
+		if uint32(w) == 0 {
+			return
+		}
+		if r.intake.CompareAndSwap(w, w&sleepBit) {
+			r.takeList(uint32(w))
+			return
+		}
+	}
+}
+
+// takeList moves the intake chain whose top is top (index+1; 0: empty)
+// to held, oldest first.
+func (r *reactor) takeList(top uint32) {
 	if top == 0 {
 		return
 	}
@@ -664,6 +732,10 @@ const maxRetries = 8
 
 // registerEventfd is Ring.RegisterEventfd; tests make it fail.
 var registerEventfd = (*Ring).RegisterEventfd
+
+// sleepHook, when set (by tests), runs in a netpoll reactor's sleep after
+// it let go of the ring, before it waits.
+var sleepHook func()
 
 // cqeHook, when set (by tests), rewrites every completion's result.
 var cqeHook func(userData uint64, res int32) int32
@@ -1033,6 +1105,12 @@ func (b *uringBackend) registerArena(a *Arena) (string, error) {
 	return note, nil
 }
 
+func (b *uringBackend) poll() {
+	for _, r := range b.reactors {
+		r.poll()
+	}
+}
+
 func (b *uringBackend) stats() FileStats {
 	var st FileStats
 	for _, r := range b.reactors {
@@ -1042,6 +1120,7 @@ func (b *uringBackend) stats() FileStats {
 		st.Kicks += r.nkick.Load()
 		st.Parks += r.npark.Load()
 		st.Retries += r.nretry.Load()
+		st.Polls += r.npoll.Load()
 	}
 	return st
 }
