@@ -158,7 +158,7 @@ type Cache struct {
 	_         [64]byte
 
 	freeMu sync.Mutex
-	free   []uint32
+	free   freeSet
 	// streams, reserved and streamTick are AllocStream's (see stream.go):
 	// the frames set aside for appenders, which are free frames too.
 	streams    map[uint64]*streamRun
@@ -250,7 +250,7 @@ func New(opts Options) (*Cache, error) {
 		mem:       mem,
 		door:      newDoorkeeper(frames),
 		pages:     make([]Page, frames),
-		free:      make([]uint32, frames),
+		free:      newFreeSet(frames),
 		streams:   make(map[uint64]*streamRun),
 		streamLen: streamLenFor(frames),
 		cleanCap:  cleanCap,
@@ -264,8 +264,6 @@ func New(opts Options) (*Cache, error) {
 		p.idx = uint32(i)
 		off := i * stride
 		p.data = mem[off : off+bs : off+bs]
-		// Pop from the end, so hand out low frames first.
-		c.free[i] = uint32(frames - 1 - i)
 	}
 	for i := range c.shards {
 		c.shards[i].m = make(map[Key]uint64)
@@ -335,7 +333,7 @@ type Stats struct {
 // not atomically together.
 func (c *Cache) Stats() Stats {
 	c.freeMu.Lock()
-	free := len(c.free) + c.reserved
+	free := c.free.len() + c.reserved
 	c.freeMu.Unlock()
 	var hits, misses uint64
 	for i := range c.shards {
@@ -422,7 +420,7 @@ func (c *Cache) Close() error {
 	}
 	c.freeMu.Lock()
 	c.reclaimForLocked(len(c.pages))
-	free := len(c.free)
+	free := c.free.len()
 	c.freeMu.Unlock()
 	if free != len(c.pages) {
 		panic(fmt.Sprintf("cache: Close: %d of %d frames free after dropping the index", free, len(c.pages)))

@@ -93,11 +93,11 @@ func (c *Cache) page(handle uint64) *Page { return &c.pages[handle>>32] }
 
 func (c *Cache) freeFrame(idx uint32) {
 	c.freeMu.Lock()
-	if len(c.free)+c.reserved >= len(c.pages) {
+	if c.free.len()+c.reserved >= len(c.pages) {
 		c.freeMu.Unlock()
 		panic(fmt.Sprintf("cache: frame %d freed while the free list already holds every frame", idx))
 	}
-	c.free = append(c.free, idx)
+	c.free.add(idx)
 	if c.waitCh != nil {
 		close(c.waitCh)
 		c.waitCh = nil
@@ -118,14 +118,11 @@ func (c *Cache) wakeAllocWaiters() {
 func (c *Cache) popFree() *Page {
 	c.freeMu.Lock()
 	c.reclaimForLocked(1)
-	n := len(c.free)
-	if n == 0 {
-		c.freeMu.Unlock()
+	idx, ok := c.free.take()
+	c.freeMu.Unlock()
+	if !ok {
 		return nil
 	}
-	idx := c.free[n-1]
-	c.free = c.free[:n-1]
-	c.freeMu.Unlock()
 	return c.claim(&c.pages[idx])
 }
 
@@ -134,24 +131,22 @@ func (c *Cache) popFree() *Page {
 // dst. It neither evicts nor waits: a caller that needs n frames takes the
 // rest from Alloc.
 //
-// Frames come back to the free list in whatever order their pages were
-// dropped, and the list is a stack: frames freed in ascending order come
-// off it descending, and no two popped one by one ever followed each other
-// (1 MiB NBD writes into a warm cache were read from the socket in spans
-// of about two frames). Sorted, the ones that neighbour each other in the
-// arena form spans again (see Follows), which a write fills with one read
-// and writeback sends as one buffer.
+// The free frames are searched in arena order (see freeSet), so the ones
+// that neighbour each other form spans (see Follows), which a write fills
+// with one read and writeback sends as one buffer. (When the free list was
+// a stack, frames freed in ascending order came off it descending, and 1
+// MiB NBD writes into a warm cache were read from the socket in spans of
+// about two frames.)
 func (c *Cache) AllocRun(dst []*Page, n int) []*Page {
 	if n <= 0 || c.closed.Load() {
 		return dst
 	}
 	c.freeMu.Lock()
 	c.reclaimForLocked(n)
-	k := min(n, len(c.free))
 	var arr [512]uint32 // a 1 MiB write of 4 KiB blocks takes 257
-	idxs := append(arr[:0], c.free[len(c.free)-k:]...)
-	c.free = c.free[:len(c.free)-k]
+	idxs := c.free.takeN(arr[:0], n)
 	c.freeMu.Unlock()
+	// Ascending even where the search wrapped around the arena's end.
 	slices.Sort(idxs)
 	for _, idx := range idxs {
 		dst = append(dst, c.claim(&c.pages[idx]))
@@ -185,7 +180,7 @@ func (c *Cache) Alloc(ctx context.Context) (*Page, error) {
 		// evictable after this point closes ch; one before it is found by
 		// the rescan.
 		c.freeMu.Lock()
-		if len(c.free) > 0 || c.reserved > 0 {
+		if c.free.len() > 0 || c.reserved > 0 {
 			c.freeMu.Unlock()
 			continue // popFree takes the streams' frames back
 		}

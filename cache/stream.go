@@ -1,6 +1,9 @@
 package cache
 
-import "slices"
+import (
+	"math/bits"
+	"slices"
+)
 
 // Streams: frames set aside for appenders.
 //
@@ -37,20 +40,28 @@ type streamRun struct {
 // streamLenFor is how many frames a stream takes at a time for a cache of
 // frames frames: 512 (2 MiB of 4 KiB blocks), less in small caches so that
 // maxStreams streams hold at most a sixteenth of the frames; 0 (streams
-// off) when that would be under 32 frames.
+// off) when that would be under 32 frames. A power of two, the size of
+// the aligned groups refills take (see AllocStream).
 func streamLenFor(frames int) int {
 	n := min(512, frames/(16*maxStreams))
 	if n < 32 {
 		return 0
 	}
-	return n
+	return 1 << (bits.Len(uint(n)) - 1)
 }
 
 // AllocStream is AllocRun for an appender (see Streams above): it appends
 // to dst up to n frames, each with one reference, taken in order from the
 // run of frames set aside for stream id, refilled from the free list. Like
 // AllocRun it neither evicts nor waits.
-func (c *Cache) AllocStream(id uint64, dst []*Page, n int) []*Page {
+//
+// pos is the appender's position, in blocks, of the first frame wanted
+// (its block number). A refill takes a whole aligned group of free frames
+// when there is one, and hands it out from pos's offset in the group, so
+// that block b sits at offset b mod the group size: writeback cuts its
+// I/Os at block multiples of a power of two (see engine splitRuns), and
+// each I/O then finds its frames following each other.
+func (c *Cache) AllocStream(id, pos uint64, dst []*Page, n int) []*Page {
 	if n <= 0 || c.closed.Load() {
 		return dst
 	}
@@ -72,26 +83,16 @@ func (c *Cache) AllocStream(id uint64, dst []*Page, n int) []*Page {
 	s.used = c.streamTick
 	for len(got) < n {
 		if len(s.idx) == 0 {
-			if len(c.free) == 0 && c.reserved > 0 {
+			if c.free.len() == 0 && c.reserved > 0 {
 				// Other streams hold the last free frames (this one,
 				// empty, may go too: it is put back).
 				c.reclaimForLocked(1)
 				c.streams[id] = s
 			}
-			k := min(c.streamLen, len(c.free))
-			if len(c.free) < 2*c.streamLen {
-				// Free frames run short: set none aside, or a refill
-				// would empty the free list, be taken back by the next
-				// allocation and set aside again, write after write.
-				k = min(n-len(got), len(c.free))
-			}
-			if k == 0 {
+			c.refillLocked(s, pos+uint64(len(got)), n-len(got))
+			if len(s.idx) == 0 {
 				break
 			}
-			s.idx = append(s.buf[:0], c.free[len(c.free)-k:]...)
-			c.free = c.free[:len(c.free)-k]
-			slices.Sort(s.idx)
-			c.reserved += k
 		}
 		m := min(n-len(got), len(s.idx))
 		got = append(got, s.idx[:m]...)
@@ -105,6 +106,37 @@ func (c *Cache) AllocStream(id uint64, dst []*Page, n int) []*Page {
 	return dst
 }
 
+// refillLocked sets aside frames for the empty stream s, whose next frame
+// is for position pos and which is asked for want frames now. freeMu is
+// held.
+func (c *Cache) refillLocked(s *streamRun, pos uint64, want int) {
+	g := c.streamLen
+	s.idx = s.buf[:0]
+	switch {
+	case c.free.len() < 2*g:
+		// Free frames run short: set none aside, or a refill would
+		// empty the free list, be taken back by the next allocation and
+		// set aside again, write after write.
+		s.idx = c.free.takeN(s.idx, min(want, c.free.len()))
+		slices.Sort(s.idx)
+	default:
+		base, ok := c.free.takeGroup(g)
+		if !ok {
+			s.idx = c.free.takeN(s.idx, g)
+			slices.Sort(s.idx)
+			break
+		}
+		off := uint32(pos % uint64(g))
+		for i := base; i < base+off; i++ {
+			c.free.add(i) // the group's frames before pos's offset stay free
+		}
+		for i := base + off; i < base+uint32(g); i++ {
+			s.idx = append(s.idx, i)
+		}
+	}
+	c.reserved += len(s.idx)
+}
+
 // DropStream gives the frames set aside for stream id back to the free list.
 func (c *Cache) DropStream(id uint64) {
 	c.freeMu.Lock()
@@ -114,11 +146,11 @@ func (c *Cache) DropStream(id uint64) {
 	}
 }
 
-// returnStreamLocked puts a stream's frames back on the free list, highest
-// first, so they come off it in ascending order again. freeMu is held.
+// returnStreamLocked puts a stream's frames back on the free list. freeMu
+// is held.
 func (c *Cache) returnStreamLocked(id uint64, s *streamRun) {
-	for i := len(s.idx) - 1; i >= 0; i-- {
-		c.free = append(c.free, s.idx[i])
+	for _, i := range s.idx {
+		c.free.add(i)
 	}
 	c.reserved -= len(s.idx)
 	if c.reserved < 0 {
@@ -147,7 +179,7 @@ func (c *Cache) dropLRUStreamLocked() {
 // recently used first, until it holds n frames or no stream holds any.
 // freeMu is held.
 func (c *Cache) reclaimForLocked(n int) {
-	for len(c.free) < n && c.reserved > 0 {
+	for c.free.len() < n && c.reserved > 0 {
 		c.dropLRUStreamLocked()
 	}
 }

@@ -19,7 +19,7 @@ func TestAllocStreamInterleaved(t *testing.T) {
 	got := make([][]*Page, streams)
 	for range each {
 		for s := range streams {
-			got[s] = c.AllocStream(uint64(s+1), got[s], 1)
+			got[s] = c.AllocStream(uint64(s+1), 0, got[s], 1)
 		}
 	}
 	for s, ps := range got {
@@ -50,8 +50,8 @@ func TestAllocStreamInterleaved(t *testing.T) {
 // object or closing the cache returns its stream's frames.
 func TestAllocStreamGivesBack(t *testing.T) {
 	c := newTestCache(t, 4096, 8192, 0)
-	one := c.AllocStream(1, nil, 1) // sets aside 64 frames, hands out 1
-	two := c.AllocStream(2, nil, 1)
+	one := c.AllocStream(1, 0, nil, 1) // sets aside 64 frames, hands out 1
+	two := c.AllocStream(2, 0, nil, 1)
 	if c.reserved != 2*(c.streamLen-1) {
 		t.Fatalf("reserved %d, want %d", c.reserved, 2*(c.streamLen-1))
 	}
@@ -63,21 +63,21 @@ func TestAllocStreamGivesBack(t *testing.T) {
 	if c.reserved != 0 || len(c.streams) != 0 {
 		t.Fatalf("streams still hold %d frames (%d streams) after the free list ran dry", c.reserved, len(c.streams))
 	}
-	if more := c.AllocStream(1, nil, 4); len(more) != 0 {
+	if more := c.AllocStream(1, 0, nil, 4); len(more) != 0 {
 		t.Fatalf("AllocStream with nothing free returned %d frames", len(more))
 	}
 	for _, p := range held {
 		p.Release()
 	}
 	// RemoveObject drops the object's stream.
-	one = c.AllocStream(1, one, 1)
+	one = c.AllocStream(1, 0, one, 1)
 	c.RemoveObject(1)
 	if _, ok := c.streams[1]; ok {
 		t.Fatal("RemoveObject left the object's stream")
 	}
 	// AllocRun for more than the free list holds takes the streams back.
-	two = c.AllocStream(2, two, 1)
-	free := len(c.free)
+	two = c.AllocStream(2, 0, two, 1)
+	free := c.free.len()
 	big := c.AllocRun(nil, free+1)
 	if len(big) != free+1 {
 		t.Fatalf("AllocRun(%d) returned %d frames", free+1, len(big))
@@ -86,7 +86,7 @@ func TestAllocStreamGivesBack(t *testing.T) {
 		p.Release()
 	}
 	// Close with a stream set aside: every frame counts as free.
-	three := c.AllocStream(3, nil, 3)
+	three := c.AllocStream(3, 0, nil, 3)
 	for _, p := range three {
 		p.Release()
 	}
@@ -103,7 +103,7 @@ func TestAllocStreamLimits(t *testing.T) {
 	defer c.Close()
 	var held []*Page
 	for id := uint64(1); id <= maxStreams+1; id++ {
-		held = c.AllocStream(id, held, 1)
+		held = c.AllocStream(id, 0, held, 1)
 	}
 	if len(c.streams) != maxStreams {
 		t.Fatalf("%d streams, want at most %d", len(c.streams), maxStreams)
@@ -123,7 +123,7 @@ func TestAllocStreamLimits(t *testing.T) {
 	if small.streamLen != 0 {
 		t.Fatalf("streamLen %d in a 1024-frame cache, want 0 (off)", small.streamLen)
 	}
-	ps := small.AllocStream(1, nil, 8)
+	ps := small.AllocStream(1, 0, nil, 8)
 	if len(ps) != 8 || len(small.streams) != 0 {
 		t.Fatalf("AllocStream with streams off: %d frames, %d streams", len(ps), len(small.streams))
 	}
@@ -173,8 +173,9 @@ func TestAllocStreamModel(t *testing.T) {
 			"stream": func(t *rapid.T) {
 				id := rapid.Uint64Range(1, 12).Draw(t, "id")
 				n := rapid.IntRange(1, 600).Draw(t, "n")
+				pos := rapid.Uint64Range(0, 1<<20).Draw(t, "pos")
 				before := free()
-				ps := c.AllocStream(id, nil, n)
+				ps := c.AllocStream(id, pos, nil, n)
 				if want := min(n, before); len(ps) != want {
 					t.Fatalf("AllocStream(%d) returned %d frames with %d free", n, len(ps), before)
 				}
@@ -236,4 +237,43 @@ func TestAllocStreamModel(t *testing.T) {
 			p.Release()
 		}
 	})
+}
+
+// TestAllocStreamAligned checks that a stream refilled from free frames
+// places block b at offset b mod streamLen of an aligned group, so that
+// writeback's aligned I/Os find their frames following each other.
+func TestAllocStreamAligned(t *testing.T) {
+	c := newTestCache(t, 4096, 8192, 0)
+	g := c.streamLen
+	if g == 0 || g&(g-1) != 0 {
+		t.Fatalf("streamLen %d: want a power of two", g)
+	}
+	// A busy frame in the first group: refills must skip that group.
+	busy := c.TryAlloc()
+	var held []*Page
+	pos := uint64(3*g - 5)
+	for k := range 2*g + 10 {
+		ps := c.AllocStream(7, pos+uint64(k), nil, 1)
+		if len(ps) != 1 {
+			t.Fatalf("AllocStream at %d returned %d frames", pos+uint64(k), len(ps))
+		}
+		p := ps[0]
+		if got, want := int(p.idx)%g, int((pos+uint64(k))%uint64(g)); got != want {
+			t.Fatalf("block %d got frame %d, at offset %d of its group; want %d", pos+uint64(k), p.idx, got, want)
+		}
+		if int(p.idx) < g {
+			t.Fatalf("block %d got frame %d, in the group the busy frame %d is in", pos+uint64(k), p.idx, busy.idx)
+		}
+		if k > 0 && int(p.idx)%g != 0 && !p.Follows(held[k-1]) {
+			t.Fatalf("block %d got frame %d, not following frame %d inside a group", pos+uint64(k), p.idx, held[k-1].idx)
+		}
+		held = append(held, p)
+	}
+	for _, p := range append(held, busy) {
+		p.Release()
+	}
+	// The frames before the first offset were not set aside.
+	if st := c.Stats(); st.FreeFrames != 8192 {
+		t.Fatalf("FreeFrames %d after releasing everything, want 8192", st.FreeFrames)
+	}
 }

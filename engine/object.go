@@ -364,6 +364,9 @@ type credits struct {
 	// stream, if set, is the object whose append this is: frames come from
 	// its cache stream, in order (see cache.AllocStream).
 	stream *Object
+	// pos is the block the first frame in hand will be written to, a hint
+	// that aligns a stream's frames with its blocks (see AllocStream).
+	pos int64
 }
 
 // frames returns how many frames are in hand.
@@ -397,7 +400,7 @@ func (c *credits) grow(n int) error {
 		// write of consecutive blocks gets frames that follow each other
 		// (see take).
 		if c.stream != nil {
-			c.pages = c.e.cache.AllocStream(c.stream.id, c.pages, k)
+			c.pages = c.e.cache.AllocStream(c.stream.id, uint64(c.pos+int64(c.frames())), c.pages, k)
 		} else {
 			c.pages = c.e.cache.AllocRun(c.pages, k)
 		}
@@ -489,6 +492,7 @@ func (o *Object) writeAt(p []byte, off int64) (int, error) {
 	// A write that starts past the end first zeroes the rest of the end's
 	// block (see zeroTailLocked). wmu keeps the size from changing.
 	if off > oldSize && oldSize%bs != 0 {
+		cr.pos = oldSize >> e.shift
 		if err := cr.grow(1); err != nil {
 			return 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
 		}
@@ -506,6 +510,7 @@ func (o *Object) writeAt(p []byte, off int64) (int, error) {
 			o.mu.RLock()
 			need := o.missingPagesLocked(cb, ce)
 			o.mu.RUnlock()
+			cr.pos = cb
 			if err := cr.grow(need); err != nil {
 				return written, fmt.Errorf("write %q at %d: %w", o.name, off, err)
 			}

@@ -60,6 +60,8 @@ type engineResult struct {
 	Allocations        uint64         `json:"allocations"`
 	DeviceBytesWritten uint64         `json:"device_bytes_written"`
 	DeviceBytesRead    uint64         `json:"device_bytes_read"`
+	DeviceWrites       uint64         `json:"device_writes"` // I/Os, so bytes/writes is the mean write size
+	DeviceReads        uint64         `json:"device_reads"`
 	WriteAmp           float64        `json:"write_amplification"`
 	CacheHits          uint64         `json:"cache_hits"`
 	CacheMisses        uint64         `json:"cache_misses"`
@@ -243,6 +245,8 @@ func runEngine(ctx context.Context, bd *benchDevice, spec engineSpec) (engineRes
 	r.Allocations = after.Allocations - before.Allocations
 	r.DeviceBytesWritten = after.DeviceBytesWritten - before.DeviceBytesWritten
 	r.DeviceBytesRead = after.DeviceBytesRead - before.DeviceBytesRead
+	r.DeviceWrites = after.DeviceWrites - before.DeviceWrites
+	r.DeviceReads = after.DeviceReads - before.DeviceReads
 	r.CacheHits = after.CacheHits - before.CacheHits
 	r.CacheMisses = after.CacheMisses - before.CacheMisses
 	if r.Bytes > 0 && spec.workload != "seqread" && spec.workload != "randread" {
