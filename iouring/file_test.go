@@ -374,9 +374,11 @@ func TestFilePoll(t *testing.T) {
 				<-release
 			})
 		}
+		// Registered first, so it runs after the File's Close has
+		// stopped the reactor that reads the hook.
+		t.Cleanup(func() { sleepHook = nil })
 		osf := tempDirect(t, 1<<16)
 		f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: ModeIOURing, QueueDepth: 4})
-		t.Cleanup(func() { sleepHook = nil })
 		defer close(release) // before the File's Close, which needs the reactor
 		<-stuck
 		buf := directio.AlignedBlock(4096)
