@@ -1611,12 +1611,7 @@ func (o *Object) finishBatch(b *wbBatch, more bool) error {
 	// would only churn the clean cache, so its frames are freed.
 	keep := len(b.pages) <= keepCleanPages
 	release, recharge := 0, 0
-	// Backwards: the cache hands out the frames freed last first, so the
-	// next pages written in order get frames in arena order, which the
-	// block layer can merge into few segments (one request per 1 MiB I/O,
-	// not two, on a device that takes 128 segments).
-	for i := len(b.pages) - 1; i >= 0; i-- {
-		w := b.pages[i]
+	for _, w := range b.pages {
 		o.wb.Delete(w.blk)
 		newer := o.dirty.Get(w.blk) != nil
 		if err != nil {
