@@ -500,9 +500,32 @@ func (e *Engine) enter() error {
 
 func (e *Engine) exit() { e.life.RUnlock() }
 
-func (e *Engine) enterWrite() error {
+// enterRead is enter for a call that changes nothing, given its arguments'
+// check: ErrClosed first, then the arguments' error (see enterWrite).
+func (e *Engine) enterRead(argErr error) error {
 	if err := e.enter(); err != nil {
 		return err
+	}
+	if argErr != nil {
+		e.exit()
+		return argErr
+	}
+	return nil
+}
+
+// enterWrite admits a public call that changes something, given its
+// arguments' check (nil: they are fine). The answers come in this order: a
+// closing engine answers ErrClosed to every call, whatever its arguments;
+// then bad arguments answer fs.ErrInvalid, also on a read-only or failed
+// engine; then a read-only engine ErrReadOnly and a failed one its
+// failure.
+func (e *Engine) enterWrite(argErr error) error {
+	if err := e.enter(); err != nil {
+		return err
+	}
+	if argErr != nil {
+		e.exit()
+		return argErr
 	}
 	if e.readOnly {
 		e.exit()
@@ -518,10 +541,7 @@ func (e *Engine) enterWrite() error {
 // Create makes a new, empty object. It fails with fs.ErrExist if the name
 // is taken.
 func (e *Engine) Create(name string) (*Object, error) {
-	if err := checkName(name); err != nil {
-		return nil, err
-	}
-	if err := e.enterWrite(); err != nil {
+	if err := e.enterWrite(checkName(name)); err != nil {
 		return nil, err
 	}
 	defer e.exit()
@@ -542,10 +562,7 @@ func (e *Engine) Create(name string) (*Object, error) {
 
 // Object returns the object called name, or fs.ErrNotExist.
 func (e *Engine) Object(name string) (*Object, error) {
-	if err := checkName(name); err != nil {
-		return nil, err
-	}
-	if err := e.enter(); err != nil {
+	if err := e.enterRead(checkName(name)); err != nil {
 		return nil, err
 	}
 	defer e.exit()
@@ -577,10 +594,7 @@ func (e *Engine) Objects() []string {
 // Remove deletes an object and frees its space. The space becomes
 // allocatable once the metadata recording the removal is durable.
 func (e *Engine) Remove(name string) error {
-	if err := checkName(name); err != nil {
-		return err
-	}
-	if err := e.enterWrite(); err != nil {
+	if err := e.enterWrite(checkName(name)); err != nil {
 		return err
 	}
 	defer e.exit()

@@ -813,6 +813,16 @@ func TestReadOnlyOpen(t *testing.T) {
 	if err := ro.Remove("x"); !errors.Is(err, ErrReadOnly) {
 		t.Fatalf("remove: %v", err)
 	}
+	// Bad arguments are bad arguments, read-only or not.
+	if _, err := o.WriteAt(buf, -1); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("write at -1: %v; want fs.ErrInvalid", err)
+	}
+	if _, err := ro.Create(""); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("create \"\": %v; want fs.ErrInvalid", err)
+	}
+	if err := o.Truncate(-1); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("truncate -1: %v; want fs.ErrInvalid", err)
+	}
 }
 
 // TestCheckpointFallback: a damaged newest checkpoint falls back to the

@@ -15,7 +15,8 @@ var (
 	// ErrCorrupt is returned when on-disk bytes fail a checksum or a
 	// consistency check; the error names the region.
 	ErrCorrupt = errors.New("rawblock: corrupt metadata")
-	// ErrClosed is returned by every call made after Close.
+	// ErrClosed is returned by every call made after Close, whatever its
+	// arguments.
 	ErrClosed = errors.New("rawblock: closed")
 	// ErrReadOnly is returned by calls that would modify an engine opened
 	// read-only, or one that has shut itself down after a metadata I/O error.

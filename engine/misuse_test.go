@@ -437,6 +437,21 @@ func TestMisuseAfterClose(t *testing.T) {
 	if n, err := o.ReadAt(nil, 0); n != 0 || !errors.Is(err, engine.ErrClosed) {
 		t.Errorf("ReadAt(nil) after Close = %d, %v; want ErrClosed", n, err)
 	}
+	// Closed comes first, whatever the arguments.
+	badArgs := map[string]error{}
+	_, badArgs["Create(\"\")"] = e.Create("")
+	_, badArgs["Object(\"a\\x00\")"] = e.Object("a\x00")
+	badArgs["Remove(\"\")"] = e.Remove("")
+	_, badArgs["ReadAt(-1)"] = o.ReadAt(make([]byte, 1), -1)
+	_, badArgs["WriteAt(-1)"] = o.WriteAt([]byte("x"), -1)
+	_, badArgs["WriteFrom(n -1)"] = o.WriteFrom(strings.NewReader("x"), 0, -1)
+	badArgs["Truncate(-1)"] = o.Truncate(-1)
+	badArgs["PunchHole(-1, 1)"] = o.PunchHole(-1, 1)
+	for call, err := range badArgs {
+		if !errors.Is(err, engine.ErrClosed) {
+			t.Errorf("%s after Close: %v; want ErrClosed", call, err)
+		}
+	}
 	mustNotPanic(t, "queries after Close", func() {
 		_ = e.Objects()
 		_ = e.Stats()

@@ -446,10 +446,7 @@ func (c *credits) release() {
 // WriteAt returns 0 and an error wrapping ErrNoSpace, and nothing changed.
 func (o *Object) WriteAt(p []byte, off int64) (int, error) {
 	e := o.e
-	if err := checkRange("write", off, int64(len(p))); err != nil {
-		return 0, err
-	}
-	if err := e.enterWrite(); err != nil {
+	if err := e.enterWrite(checkRange("write", off, int64(len(p)))); err != nil {
 		return 0, err
 	}
 	defer e.exit()
@@ -667,10 +664,11 @@ func (o *Object) fillBaseLocked(b int64, buf []byte) error {
 // fs.ErrInvalid.
 func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	e := o.e
+	var argErr error
 	if off < 0 {
-		return 0, fmt.Errorf("%w: read: negative offset %d", errInvalid, off)
+		argErr = fmt.Errorf("%w: read: negative offset %d", errInvalid, off)
 	}
-	if err := e.enter(); err != nil {
+	if err := e.enterRead(argErr); err != nil {
 		return 0, err
 	}
 	defer e.exit()
@@ -958,10 +956,7 @@ func (r *readOp) readIntoFrames(v vectorDevice, start, phys, n int64) (bool, err
 // extension reads zeros there.
 func (o *Object) Truncate(size int64) error {
 	e := o.e
-	if err := checkRange("truncate", size, 0); err != nil {
-		return err
-	}
-	if err := e.enterWrite(); err != nil {
+	if err := e.enterWrite(checkRange("truncate", size, 0)); err != nil {
 		return err
 	}
 	defer e.exit()
@@ -1039,10 +1034,7 @@ func (o *Object) zeroTailLocked(upTo int64, cr *credits) error {
 // size does not change.
 func (o *Object) PunchHole(off, length int64) error {
 	e := o.e
-	if err := checkRange("punch", off, length); err != nil {
-		return err
-	}
-	if err := e.enterWrite(); err != nil {
+	if err := e.enterWrite(checkRange("punch", off, length)); err != nil {
 		return err
 	}
 	defer e.exit()

@@ -29,13 +29,11 @@ import (
 // (fs.ErrInvalid above, nothing read).
 func (o *Object) WriteFrom(r io.Reader, off, n int64) (int64, error) {
 	e := o.e
+	argErr := checkRange("write", off, n)
 	if n < 0 {
-		return 0, fmt.Errorf("%w: write of %d bytes", errInvalid, n)
+		argErr = fmt.Errorf("%w: write of %d bytes", errInvalid, n)
 	}
-	if err := checkRange("write", off, n); err != nil {
-		return 0, err
-	}
-	if err := e.enterWrite(); err != nil {
+	if err := e.enterWrite(argErr); err != nil {
 		return 0, err
 	}
 	defer e.exit()
