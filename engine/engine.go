@@ -520,12 +520,8 @@ func (e *Engine) enterRead(argErr error) error {
 // engine; then a read-only engine ErrReadOnly and a failed one its
 // failure.
 func (e *Engine) enterWrite(argErr error) error {
-	if err := e.enter(); err != nil {
+	if err := e.enterRead(argErr); err != nil {
 		return err
-	}
-	if argErr != nil {
-		e.exit()
-		return argErr
 	}
 	if e.readOnly {
 		e.exit()
