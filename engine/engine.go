@@ -195,6 +195,7 @@ type Engine struct {
 	bufPool sync.Pool      // aligned maxIO buffers for bounce copies
 	wbq     wbQueue        // writeback device I/Os (ioParallel workers)
 	raWG    sync.WaitGroup // readahead reads in flight (see readAheadLocked)
+	uf      unflushed      // device writes no good flush has covered yet
 
 	allocations, devWrites, devReads, devBytesW, devBytesR atomic.Uint64
 	commits, checkpoints, journalBytes, flushes            atomic.Uint64
@@ -1063,6 +1064,19 @@ func (e *Engine) shutdown(cause error) error {
 	return *e.failed.Load()
 }
 
+// readRefused refuses, once the engine has shut down, a device read of n
+// bytes at off that meets a write no good flush covered (see unflushed):
+// the device may have dropped it, and would answer with the old contents.
+// Reads the cache serves are the newest data and go on, as do device reads
+// of what a good flush covered. Close and Open recover the last durable
+// state.
+func (e *Engine) readRefused(off, n int64) error {
+	if err := e.failure(); err != nil && e.uf.overlaps(off, n) {
+		return fmt.Errorf("read of %d bytes at device offset %d refused: written since the last good flush, which the device may have lost: %w", n, off, err)
+	}
+	return nil
+}
+
 // failure returns the shutdown error, if the engine shut down.
 func (e *Engine) failure() error {
 	if p := e.failed.Load(); p != nil {
@@ -1308,20 +1322,27 @@ func (e *Engine) objectList() []*Object {
 
 func (e *Engine) flushDevice() error {
 	e.flushes.Add(1)
+	covered := e.uf.flushStarts()
 	if err := e.dev.Flush(); err != nil {
 		return fmt.Errorf("flush device: %w", err)
 	}
+	e.uf.flushed(covered)
 	return nil
 }
 
 func (e *Engine) writeDev(p []byte, off int64) error {
 	e.devWrites.Add(1)
 	e.devBytesW.Add(uint64(len(p)))
+	t := e.uf.start(off, int64(len(p)))
 	n, err := e.dev.WriteAt(p, off)
+	e.uf.finish(t)
 	return whole("write", n, len(p), off, err)
 }
 
 func (e *Engine) readDev(p []byte, off int64) error {
+	if err := e.readRefused(off, int64(len(p))); err != nil {
+		return err
+	}
 	e.devReads.Add(1)
 	e.devBytesR.Add(uint64(len(p)))
 	n, err := e.dev.ReadAt(p, off)

@@ -20,7 +20,9 @@ func (e *Engine) writevDev(v vectorDevice, bufs [][]byte, off int64) error {
 	}
 	e.devWrites.Add(1)
 	e.devBytesW.Add(uint64(total))
+	t := e.uf.start(off, int64(total))
 	n, err := v.WritevAt(bufs, off)
+	e.uf.finish(t)
 	return whole("write", n, total, off, err)
 }
 
@@ -28,6 +30,9 @@ func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
 	total := 0
 	for _, b := range bufs {
 		total += len(b)
+	}
+	if err := e.readRefused(off, int64(total)); err != nil {
+		return err
 	}
 	e.devReads.Add(1)
 	e.devBytesR.Add(uint64(total))
