@@ -58,9 +58,10 @@ func streamLenFor(frames int) int {
 // pos is the appender's position, in blocks, of the first frame wanted
 // (its block number). A refill takes a whole aligned group of free frames
 // when there is one, and hands it out from pos's offset in the group, so
-// that block b sits at offset b mod the group size: writeback cuts its
-// I/Os at block multiples of a power of two (see engine splitRuns), and
-// each I/O then finds its frames following each other.
+// that block b sits at offset b mod the group size: an object's frames
+// follow each other across each aligned group of its blocks, and
+// writeback, which ends an I/O where following frames stop (see engine
+// splitRuns), cuts every appended object at the same block multiples.
 func (c *Cache) AllocStream(id, pos uint64, dst []*Page, n int) []*Page {
 	if n <= 0 || c.closed.Load() {
 		return dst

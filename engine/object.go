@@ -91,6 +91,13 @@ func (o *Object) offerClean(b int64) {
 	}
 }
 
+// insertClean offers pg to the clean cache as block b. o.mu is held,
+// shared or not.
+func (o *Object) insertClean(b int64, pg *cache.Page) {
+	o.offerClean(b)
+	o.e.cache.Insert(o.key(b), pg)
+}
+
 // dropClean removes a clean copy of block b that a write is about to make
 // stale. o.mu is held exclusively.
 func (o *Object) dropClean(b int64) {
@@ -907,8 +914,7 @@ func (r *readOp) flush() error {
 		}
 		if pg := e.cache.TryAlloc(); pg != nil {
 			copy(pg.Data(), data)
-			o.offerClean(b)
-			e.cache.Insert(o.key(b), pg)
+			o.insertClean(b, pg)
 			pg.Release()
 		}
 	}
@@ -945,8 +951,7 @@ func (r *readOp) readIntoFrames(v vectorDevice, start, phys, n int64) (bool, err
 		if b < reqEnd {
 			r.copyOut(b, pg.Data())
 		}
-		o.offerClean(b)
-		e.cache.Insert(o.key(b), pg)
+		o.insertClean(b, pg)
 	}
 	return true, nil
 }
@@ -1616,8 +1621,7 @@ func (o *Object) finishBatch(b *wbBatch, more bool) error {
 				continue
 			}
 		} else if !newer && keep {
-			o.offerClean(w.blk)
-			e.cache.Insert(o.key(w.blk), w.pg)
+			o.insertClean(w.blk, w.pg)
 		}
 		w.pg.Release()
 		if !w.uncounted {

@@ -16,15 +16,24 @@ import (
 // A flush covers the writes that completed before it started, so a write
 // is stamped with the flush epoch when it completes, and a flush that
 // succeeds forgets the writes stamped before it began. The set holds what
-// was written since the last good flush: background commits flush at
-// least every dirtyExpire, so it stays small (a few thousand entries for
-// gigabytes of streaming writes).
+// was written since the last good flush. Commits flush whenever metadata
+// changed, but overwrites in place change none, so nothing bounds the
+// time between flushes: past maxUnflushed completed writes the set gives
+// them up and holds every range in doubt until a flush that started after
+// that succeeds.
 type unflushed struct {
 	mu     sync.Mutex
 	next   uint64
 	epoch  uint64
 	writes map[uint64]unflushedWrite
+	// all is set when completed writes were given up (see above); a good
+	// flush covering epoch allSince clears it.
+	all      bool
+	allSince uint64
 }
+
+// maxUnflushed bounds the completed writes tracked one by one (a few MiB).
+const maxUnflushed = 1 << 16
 
 type unflushedWrite struct {
 	off, n int64
@@ -56,6 +65,14 @@ func (u *unflushed) finish(ticket uint64) {
 	}
 	w.epoch, w.done = u.epoch, true
 	u.writes[ticket] = w
+	if len(u.writes) > maxUnflushed {
+		u.all, u.allSince = true, u.epoch
+		for k, w := range u.writes {
+			if w.done {
+				delete(u.writes, k)
+			}
+		}
+	}
 }
 
 // flushStarts opens a new epoch and returns the one the flush covers.
@@ -71,6 +88,9 @@ func (u *unflushed) flushStarts() uint64 {
 func (u *unflushed) flushed(covered uint64) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if u.all && covered >= u.allSince {
+		u.all = false
+	}
 	for k, w := range u.writes {
 		if w.done && w.epoch <= covered {
 			delete(u.writes, k)
@@ -83,6 +103,9 @@ func (u *unflushed) flushed(covered uint64) {
 func (u *unflushed) overlaps(off, n int64) bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if u.all {
+		return true
+	}
 	for _, w := range u.writes {
 		if off < w.off+w.n && w.off < off+n {
 			return true

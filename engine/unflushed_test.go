@@ -36,3 +36,30 @@ func TestUnflushedEpochs(t *testing.T) {
 	}()
 	u.finish(c)
 }
+
+// TestUnflushedBounded: overwrites in place log no metadata, so no flush
+// need come for a long time; past maxUnflushed writes the set stops
+// tracking them one by one and holds everything in doubt until a flush
+// that started after that succeeds.
+func TestUnflushedBounded(t *testing.T) {
+	var u unflushed
+	for i := range maxUnflushed + 10 {
+		u.finish(u.start(int64(i%100)*4096, 4096))
+	}
+	if len(u.writes) > maxUnflushed {
+		t.Fatalf("%d writes tracked, bound %d", len(u.writes), maxUnflushed)
+	}
+	if !u.overlaps(1<<40, 1) {
+		t.Fatal("after giving writes up, a range nobody wrote is not in doubt")
+	}
+	inFlight := u.start(0, 4096)
+	covered := u.flushStarts() // after the writes were given up
+	u.finish(inFlight)         // completes during the flush: stays in doubt
+	u.flushed(covered)
+	if u.overlaps(1<<40, 1) {
+		t.Fatal("a good flush started after the writes were given up left everything in doubt")
+	}
+	if !u.overlaps(0, 1) {
+		t.Fatal("a write completed during the flush was forgotten")
+	}
+}
