@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math"
 	"unsafe"
+
+	"github.com/rawblock/rawblock/iouring"
 )
 
 // VectoredDevice is implemented by devices that move many buffers in one
@@ -126,4 +128,52 @@ func (d *MemDevice) rwv(write bool, bufs [][]byte, off int64) (int, error) {
 		panic(fmt.Sprintf("rawblock: memory device moved %d of %d vectored bytes", done, total))
 	}
 	return int(done), nil
+}
+
+// asyncWriter is a device that can start a write and call back when it
+// completes, from whichever goroutine notices the completion (see
+// iouring.File.Start). Writeback uses it to keep the device's queue full
+// without a goroutine per I/O: on a machine whose CPUs are busy with
+// writers, a worker woken by its completion waited milliseconds for a CPU
+// before it issued its next write, and the device idled meanwhile.
+type asyncWriter interface {
+	// AsyncWrites reports whether StartWrite can work at all (io_uring,
+	// not psync).
+	AsyncWrites() bool
+	// StartWrite validates and issues a write of buf, or of bufs as one
+	// vectored write when bufs is non-nil, at off. On success done is
+	// called exactly once with the result, and must not block; on error
+	// nothing was issued and done is never called. An error wrapping
+	// iouring.ErrNoSlot says only that no request slot was free.
+	StartWrite(buf []byte, bufs [][]byte, off int64, done func(error)) error
+}
+
+var _ asyncWriter = (*FileDevice)(nil)
+
+// AsyncWrites implements asyncWriter: true in io_uring mode.
+func (d *FileDevice) AsyncWrites() bool { return d.io.Mode() == iouring.ModeIOURing }
+
+// StartWrite implements asyncWriter.
+func (d *FileDevice) StartWrite(buf []byte, bufs [][]byte, off int64, done func(error)) error {
+	var err error
+	if bufs != nil {
+		err = d.checkv(true, bufs, off)
+	} else {
+		err = d.check(true, buf, off)
+	}
+	if err != nil {
+		return err
+	}
+	op := &iouring.Op{Write: true, Buf: buf, Bufs: bufs, Off: off}
+	err = d.io.Start(op, func(op *iouring.Op) {
+		if op.Err != nil {
+			done(d.ioErr("write", op.Err))
+			return
+		}
+		done(nil)
+	})
+	if err != nil {
+		return d.ioErr("start write", err)
+	}
+	return nil
 }

@@ -118,7 +118,8 @@ var errInvalid = fs.ErrInvalid
 // Engine is an open rawblock device. All methods are safe for concurrent use.
 type Engine struct {
 	dev      Device
-	poll     func() // the device's Poll (see poller), or a no-op
+	poll     func()      // the device's Poll (see poller), or a no-op
+	async    asyncWriter // the device, if writeback can start writes on it (see pump)
 	sb       superblock
 	bs       int
 	shift    uint
@@ -440,6 +441,9 @@ func open(dev Device, opts Options) (*Engine, error) {
 		e.shift++
 	}
 	e.ccond = sync.NewCond(&e.cmu)
+	if a, ok := dev.(asyncWriter); ok && a.AsyncWrites() {
+		e.async, e.wbq.async = a, true
+	}
 	if p, ok := dev.(poller); ok {
 		e.poll = p.Poll
 	}

@@ -54,6 +54,16 @@ func (u *unflushed) start(off, n int64) uint64 {
 	return u.next
 }
 
+// cancel forgets a write that was never issued.
+func (u *unflushed) cancel(ticket uint64) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if w, ok := u.writes[ticket]; !ok || w.done {
+		panic(fmt.Sprintf("rawblock: unflushed write %d cancelled after it finished, or never started", ticket))
+	}
+	delete(u.writes, ticket)
+}
+
 // finish stamps a completed (or failed: its range is in doubt all the
 // same) write with the current flush epoch.
 func (u *unflushed) finish(ticket uint64) {

@@ -1,8 +1,11 @@
 package engine
 
 import (
+	"errors"
 	"slices"
 	"sync"
+
+	"github.com/rawblock/rawblock/iouring"
 )
 
 // vectorDevice is implemented by devices that move several buffers in one
@@ -137,7 +140,9 @@ type wbQueue struct {
 	ring    []*wbLane          // the same, in turn order
 	next    int                // ring index of the lane whose turn it is
 	queued  int                // runs waiting, over all lanes
-	workers int
+	workers int                // worker goroutines (synchronous devices)
+	async   bool               // the device is an asyncWriter: runs go out through pump
+	started int                // runs pump started and not yet done
 }
 
 // wbLane is one object's runs waiting: runs[head:].
@@ -164,6 +169,11 @@ func (q *wbQueue) push(e *Engine, lane uint64, runs []wbRun) {
 	}
 	l.runs = append(l.runs, runs...)
 	q.queued += len(runs)
+	if q.async {
+		q.mu.Unlock()
+		e.pump()
+		return
+	}
 	start := min(ioParallel-q.workers, q.queued)
 	q.workers += start
 	q.mu.Unlock()
@@ -181,6 +191,12 @@ func (q *wbQueue) pop() (wbRun, bool) {
 		q.workers--
 		return wbRun{}, false
 	}
+	return q.popLocked(), true
+}
+
+// popLocked takes the next run of the lane whose turn it is; one must be
+// queued.
+func (q *wbQueue) popLocked() wbRun {
 	if q.next >= len(q.ring) {
 		q.next = 0
 	}
@@ -205,7 +221,7 @@ func (q *wbQueue) pop() (wbRun, bool) {
 		}
 		q.next++
 	}
-	return r, true
+	return r
 }
 
 // wbWorker writes queued runs until none is left.
@@ -215,17 +231,93 @@ func (e *Engine) wbWorker() {
 		if !ok {
 			return
 		}
-		err := e.writeRun(r)
-		g := r.g
-		if err != nil {
-			g.mu.Lock()
-			g.first = cmpErr(g.first, err)
-			g.mu.Unlock()
-		} else if g.done != nil {
-			g.done(r.pages)
-		}
-		g.wg.Done()
+		e.runDone(r, e.writeRun(r))
 	}
+}
+
+// runDone reports a run's completion to its group.
+func (e *Engine) runDone(r wbRun, err error) {
+	g := r.g
+	if err != nil {
+		g.mu.Lock()
+		g.first = cmpErr(g.first, err)
+		g.mu.Unlock()
+	} else if g.done != nil {
+		g.done(r.pages)
+	}
+	g.wg.Done()
+}
+
+// pump starts queued runs on an asyncWriter device while fewer than
+// ioParallel are in flight. It is called when runs are queued and from
+// each run's completion, which is how the queue stays full: the goroutine
+// that reaps a completion (the ring's reactor, or a writer polling it)
+// issues the next write at once.
+func (e *Engine) pump() {
+	q := &e.wbq
+	for {
+		q.mu.Lock()
+		if q.queued == 0 || q.started >= ioParallel {
+			q.mu.Unlock()
+			return
+		}
+		r := q.popLocked()
+		q.started++
+		q.mu.Unlock()
+		if err := e.startRun(r); err != nil {
+			if errors.Is(err, iouring.ErrNoSlot) {
+				// Every slot of the ring is taken (reads, syncs): wait
+				// for one on a goroutine of its own.
+				go func() { e.asyncDone(r, e.writeRun(r)) }()
+				continue
+			}
+			e.asyncFinish(r, err)
+		}
+	}
+}
+
+// asyncDone completes a run that pump started, and starts more.
+func (e *Engine) asyncDone(r wbRun, err error) {
+	e.asyncFinish(r, err)
+	e.pump()
+}
+
+func (e *Engine) asyncFinish(r wbRun, err error) {
+	q := &e.wbq
+	q.mu.Lock()
+	q.started--
+	q.mu.Unlock()
+	e.runDone(r, err)
+}
+
+// startRun issues one run's write on the asyncWriter; asyncDone follows
+// its completion. An error means nothing was issued.
+func (e *Engine) startRun(r wbRun) error {
+	ps := r.pages
+	off := ps[0].phys << e.shift
+	var buf []byte
+	var bufs [][]byte
+	total := int64(len(ps)) << e.shift
+	if r.span {
+		buf = ps[0].pg.Span(len(ps))
+	} else {
+		bufs = make([][]byte, len(ps))
+		for k, w := range ps {
+			bufs[k] = w.pg.Data()
+		}
+	}
+	t := e.uf.start(off, total)
+	err := e.async.StartWrite(buf, bufs, off, func(err error) {
+		e.uf.finish(t)
+		e.asyncDone(r, err)
+	})
+	if err != nil {
+		e.uf.cancel(t)
+		return err
+	}
+	e.devWrites.Add(1)
+	e.devBytesW.Add(uint64(total))
+	return nil
 }
 
 // writeRun writes one run's pages with one device I/O.

@@ -3,6 +3,7 @@
 package iouring
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -100,6 +101,9 @@ type backend interface {
 	registerArena(a *Arena) (note string, err error)
 	// poll does pending ring work on the calling goroutine (see Poll).
 	poll()
+	// start queues op and returns at once, or returns false if it cannot
+	// (no free slot, or no asynchronous path): see File.Start.
+	start(op *Op, cb func(res int32)) bool
 	stats() FileStats
 	close() error
 }
@@ -426,32 +430,107 @@ func (f *File) Do(ops []Op) error {
 	var first error
 	for i := range ops {
 		op := &ops[i]
-		want := len(op.Buf)
-		if op.Bufs != nil {
-			want = vecLen(op.Bufs)
-		}
-		switch {
-		case op.Err != nil:
-			op.Err = fmt.Errorf("iouring: %s %d bytes at offset %d on fd %d: %w", opName(op.Write), want, op.Off, f.fd, op.Err)
-		case op.N > want:
-			panic(fmt.Sprintf("iouring: Do: op %d transferred %d bytes of %d", i, op.N, want))
-		case op.N == want:
-		case op.Bufs != nil:
-			// Short, or longer than one request: continue. Even N == 0
-			// is retried once (the batch's request may have been
-			// MaxIovecs empty buffers); finishv skips empty buffers and
-			// stops at the first request that moves nothing.
-			op.N, op.Err = f.finishv(op.Write, op.Bufs, want, op.Off, op.N)
-		case op.N == 0:
-			op.Err = shortErr(op.Write, 0, want, op.Off)
-		default:
-			op.N, op.Err = f.finish(op.Write, op.Buf, op.Off, op.N)
+		if f.settle(op) {
+			f.continueOp(op)
 		}
 		if op.Err != nil && first == nil {
 			first = fmt.Errorf("iouring: Do: op %d of %d: %w", i, len(ops), op.Err)
 		}
 	}
 	return first
+}
+
+// ErrNoSlot is returned by Start when every request slot is in use, and
+// by a File that has no asynchronous path (psync mode) wrapped with
+// errors.ErrUnsupported: the caller issues the request synchronously
+// instead, or later.
+var ErrNoSlot = errors.New("iouring: no free request slot")
+
+// Start issues op without waiting for it, and calls done, exactly once,
+// with op's N and Err set as Do sets them. done runs on the goroutine that
+// reaps the completion (a reactor, or a Poll caller), so it must be quick
+// and must not block; it may call Start. That is its point: a caller that
+// keeps a queue full from done needs no goroutine to be scheduled between
+// one request's completion and the next one's submission, which on a
+// machine whose CPUs are busy can take milliseconds. A short transfer is
+// continued synchronously on a goroutine of its own, which then calls
+// done.
+//
+// Start returns an error, and never calls done, when the File is closed
+// (ErrClosed), op has a negative offset, no request slot is free
+// (ErrNoSlot), or the File runs in psync mode (ErrNoSlot wrapped with
+// errors.ErrUnsupported). op must stay untouched until done.
+func (f *File) Start(op *Op, done func(*Op)) error {
+	if !f.enter() {
+		return ErrClosed
+	}
+	if op.Off < 0 {
+		f.exit()
+		return fmt.Errorf("iouring: Start: %s at negative offset %d: %w", opName(op.Write), op.Off, syscall.EINVAL)
+	}
+	if f.mode != ModeIOURing {
+		f.exit()
+		return fmt.Errorf("iouring: Start in %s mode: %w: %w", f.mode, ErrNoSlot, errors.ErrUnsupported)
+	}
+	op.N, op.Err = 0, nil
+	ok := f.be.start(op, func(res int32) {
+		if res < 0 {
+			op.Err = errnoOf(res)
+		} else {
+			op.N = int(res)
+		}
+		if f.settle(op) {
+			go func() {
+				f.continueOp(op)
+				f.exit()
+				done(op)
+			}()
+			return
+		}
+		f.exit()
+		done(op)
+	})
+	if !ok {
+		f.exit()
+		return ErrNoSlot
+	}
+	return nil
+}
+
+// settle wraps a failed op's error as Do does, and reports whether op
+// was short and must be continued (see continueOp).
+func (f *File) settle(op *Op) bool {
+	want := len(op.Buf)
+	if op.Bufs != nil {
+		want = vecLen(op.Bufs)
+	}
+	switch {
+	case op.Err != nil:
+		op.Err = fmt.Errorf("iouring: %s %d bytes at offset %d on fd %d: %w", opName(op.Write), want, op.Off, f.fd, op.Err)
+	case op.N > want:
+		panic(fmt.Sprintf("iouring: %s of %d bytes transferred %d", opName(op.Write), want, op.N))
+	case op.N < want:
+		return true
+	}
+	return false
+}
+
+// continueOp finishes a short op synchronously, as Do does.
+func (f *File) continueOp(op *Op) {
+	want := len(op.Buf)
+	switch {
+	case op.Bufs != nil:
+		// Short, or longer than one request: continue. Even N == 0 is
+		// retried once (the request may have been MaxIovecs empty
+		// buffers); finishv skips empty buffers and stops at the first
+		// request that moves nothing.
+		want = vecLen(op.Bufs)
+		op.N, op.Err = f.finishv(op.Write, op.Bufs, want, op.Off, op.N)
+	case op.N == 0:
+		op.Err = shortErr(op.Write, 0, want, op.Off)
+	default:
+		op.N, op.Err = f.finish(op.Write, op.Buf, op.Off, op.N)
+	}
 }
 
 // RegisterArena registers a on every ring (replacing any previous arena;

@@ -10,7 +10,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -546,15 +545,7 @@ func TestFileKernelErrors(t *testing.T) {
 func TestFileShortTransfer(t *testing.T) {
 	for _, mode := range modes(t) {
 		t.Run(string(mode), func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "short")
-			if err := os.WriteFile(path, bytes.Repeat([]byte{7}, 1000), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			osf, err := os.Open(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer osf.Close()
+			osf := shortFile(t)
 			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode})
 			buf := make([]byte, 4096)
 			n, err := f.ReadAt(buf, 0)

@@ -178,6 +178,9 @@ func (b *psyncBackend) registerArena(*Arena) (string, error) {
 // poll has nothing to do: psync callers do their own I/O.
 func (b *psyncBackend) poll() {}
 
+// start has no asynchronous path: a pread/pwrite blocks its thread.
+func (b *psyncBackend) start(*Op, func(int32)) bool { return false }
+
 func (b *psyncBackend) stats() FileStats {
 	return FileStats{Requests: b.nreq.Load()}
 }

@@ -82,6 +82,7 @@ const (
 	kindSync  uint8 = iota // a synchronous caller waits on the slot
 	kindBatch              // part of a Do batch; the reactor frees the slot
 	kindCtl                // control request: register an arena
+	kindAsync              // File.Start: the reactor frees the slot and calls back
 )
 
 const (
@@ -115,6 +116,7 @@ type slot struct {
 	niov    int
 	batch   *batch
 	bidx    int
+	cb      func(res int32) // kindAsync: called with the result
 	arena   *Arena
 	retries uint8 // times the reactor ran it again after a cancellation
 
@@ -510,8 +512,17 @@ func (r *reactor) poll() {
 	if sub > 0 {
 		r.submit(0)
 	}
-	if r.ring.Reap(r.complete)+sub > 0 {
+	reaped := r.ring.Reap(r.complete)
+	if reaped+sub > 0 {
 		r.npoll.Add(1)
+	}
+	if reaped > 0 {
+		// Completions' callbacks (File.Start) may have queued more.
+		r.takeKeepSleep()
+		r.prepHeld()
+		if r.ring.Pending() > 0 {
+			r.submit(0)
+		}
 	}
 	r.flushWakes()
 }
@@ -761,6 +772,11 @@ func (r *reactor) deliver(idx uint32, res int32) {
 				r.signal(&b.w)
 			}
 		}
+	case kindAsync:
+		cb := s.cb
+		s.cb = nil
+		r.free <- idx
+		cb(res)
 	default:
 		s.res = res
 		if s.state.Swap(stDone) == stParked {
@@ -940,6 +956,45 @@ func (b *uringBackend) pick() *reactor {
 	return b.reactors[b.next.Add(1)%uint32(len(b.reactors))]
 }
 
+// start queues one request without waiting for it: cb gets the kernel's
+// result on the goroutine that reaps it. It returns false, queueing
+// nothing, when no slot is free.
+func (b *uringBackend) start(op *Op, cb func(res int32)) bool {
+	r := b.pick()
+	var idx uint32
+	select {
+	case idx = <-r.free:
+	default:
+		return false
+	}
+	s := &r.slots[idx]
+	s.gen++
+	s.setOp(op)
+	s.kind, s.cb = kindAsync, cb
+	r.push(idx, idx)
+	return true
+}
+
+// setOp fills the slot with op's request: its first MaxIovecs buffers, or
+// its first maxRW bytes (File continues the rest).
+func (s *slot) setOp(op *Op) {
+	s.off = op.Off
+	if op.Bufs != nil {
+		s.op = opReadv
+		if op.Write {
+			s.op = opWritev
+		}
+		s.setVec(op.Bufs, 0)
+		s.buf = nil
+		return
+	}
+	s.op = opRead
+	if op.Write {
+		s.op = opWrite
+	}
+	s.buf = op.Buf[:min(len(op.Buf), maxRW)]
+}
+
 // call runs one request synchronously and returns the kernel's result.
 func (r *reactor) call(op, kind uint8, p []byte, off int64, a *Arena) (int32, string) {
 	idx := <-r.free
@@ -1048,25 +1103,8 @@ func (b *uringBackend) do(ops []Op) {
 		}
 		s := &r.slots[idx]
 		s.gen++
-		if ops[i].Bufs != nil {
-			s.op = opReadv
-			if ops[i].Write {
-				s.op = opWritev
-			}
-			s.setVec(ops[i].Bufs, 0)
-			s.buf = nil
-		} else {
-			s.op = opRead
-			if ops[i].Write {
-				s.op = opWrite
-			}
-			buf := ops[i].Buf
-			if len(buf) > maxRW {
-				buf = buf[:maxRW]
-			}
-			s.buf = buf
-		}
-		s.kind, s.off, s.batch, s.bidx = kindBatch, ops[i].Off, bt, i
+		s.setOp(&ops[i])
+		s.kind, s.batch, s.bidx = kindBatch, bt, i
 		if chain == 0 {
 			bottom = idx
 		} else {

@@ -7,8 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -198,15 +196,7 @@ func TestFileVectoredErrors(t *testing.T) {
 			}
 
 			// Short: a buffered file of 1000 bytes.
-			path := filepath.Join(t.TempDir(), "short")
-			if err := os.WriteFile(path, bytes.Repeat([]byte{7}, 1000), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			sf, err := os.Open(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer sf.Close()
+			sf := shortFile(t)
 			g := newTestFile(t, int(sf.Fd()), FileOptions{Mode: mode})
 			bufs := [][]byte{make([]byte, 600), make([]byte, 600), make([]byte, 600)}
 			n, err := g.ReadvAt(bufs, 0)
