@@ -482,13 +482,14 @@ func (f *File) Start(op *Op, done func(*Op)) error {
 		if f.settle(op) {
 			go func() {
 				f.continueOp(op)
-				f.exit()
 				done(op)
+				f.exit()
 			}()
 			return
 		}
-		f.exit()
+		// done before exit: Close returns only after the last callback.
 		done(op)
+		f.exit()
 	})
 	if !ok {
 		f.exit()

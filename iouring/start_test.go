@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -181,36 +182,43 @@ func TestFileStartRefused(t *testing.T) {
 	}
 }
 
-// TestFileStartClose: Close waits for every started request's callback.
+// TestFileStartClose: Close waits for every started request's callback,
+// also those of short transfers, which run on goroutines of their own.
 func TestFileStartClose(t *testing.T) {
 	needIOURing(t)
-	osf := tempDirect(t, 1<<20)
-	f, err := NewFile(int(osf.Fd()), FileOptions{Mode: ModeIOURing})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	calls, started := 0, 0
-	for i := range 64 {
-		err := f.Start(&Op{Write: true, Buf: directio.AlignedBlock(16384), Off: int64(i) * 16384}, func(op *Op) {
-			time.Sleep(100 * time.Microsecond)
-			mu.Lock()
-			calls++
-			mu.Unlock()
-		})
-		if err == nil {
-			started++
-		} else if !errors.Is(err, ErrNoSlot) {
+	for _, short := range []bool{false, true} {
+		var osf *os.File
+		if short {
+			osf = shortFile(t)
+		} else {
+			osf = tempDirect(t, 1<<20)
+		}
+		f, err := NewFile(int(osf.Fd()), FileOptions{Mode: ModeIOURing})
+		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	if calls != started {
-		t.Fatalf("Close returned after %d of %d callbacks", calls, started)
+		var calls, started atomic.Int64
+		for i := range 64 {
+			op := &Op{Write: !short, Buf: directio.AlignedBlock(16384), Off: int64(i) * 16384}
+			if short {
+				op.Off = 0
+			}
+			err := f.Start(op, func(op *Op) {
+				time.Sleep(time.Millisecond)
+				calls.Add(1)
+			})
+			if err == nil {
+				started.Add(1)
+			} else if !errors.Is(err, ErrNoSlot) {
+				t.Fatal(err)
+			}
+		}
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if c, s := calls.Load(), started.Load(); c != s || s == 0 {
+			t.Fatalf("short %v: Close returned after %d of %d callbacks", short, c, s)
+		}
 	}
 }
 
