@@ -125,7 +125,9 @@ type wbGroup struct {
 // wbQueue is the engine's writeback I/O queue. Each object has a lane
 // whose runs go out in order (so a stream's batches complete in order);
 // the lanes with runs waiting take turns, one run each, so a small Sync
-// does not wait behind another object's hundreds of megabytes. At most
+// does not wait behind another object's hundreds of megabytes. On an
+// asyncWriter device, pump keeps up to ioParallel runs in flight, each
+// completion starting the next. Otherwise at most
 // ioParallel workers take runs, each going straight from one completed
 // I/O to the next queued one; a worker exits when it finds the queue
 // empty, and push starts workers while fewer than ioParallel run, so an
@@ -306,6 +308,10 @@ func (e *Engine) startRun(r wbRun) error {
 			bufs[k] = w.pg.Data()
 		}
 	}
+	// Counted before the start: the completion may be reported, and a
+	// Sync return, before StartWrite does.
+	e.devWrites.Add(1)
+	e.devBytesW.Add(uint64(total))
 	t := e.uf.start(off, total)
 	err := e.async.StartWrite(buf, bufs, off, func(err error) {
 		e.uf.finish(t)
@@ -313,10 +319,10 @@ func (e *Engine) startRun(r wbRun) error {
 	})
 	if err != nil {
 		e.uf.cancel(t)
+		e.devWrites.Add(^uint64(0))
+		e.devBytesW.Add(-uint64(total))
 		return err
 	}
-	e.devWrites.Add(1)
-	e.devBytesW.Add(uint64(total))
 	return nil
 }
 
