@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -201,5 +202,82 @@ func TestCrashAsyncWriteback(t *testing.T) {
 	}
 	if st.WorkloadCrashes == 0 || st.Syncs == 0 {
 		t.Fatalf("the harness did not do what it should: %+v", st)
+	}
+}
+
+// TestTinyRingWriteback runs writeback, reads and Syncs at once on a
+// FileDevice whose ring has one or two slots, far fewer than writeback
+// keeps in flight: most starts find no free slot and go through the
+// fallback, and everything must still read back, also after Close and
+// Open.
+func TestTinyRingWriteback(t *testing.T) {
+	for _, qd := range []int{1, 2} {
+		t.Run(fmt.Sprint("qd", qd), func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "dev")
+			dev, err := engine.OpenDevice(path, engine.DeviceOptions{CreateSize: 128 << 20, QueueDepth: qd})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dev.Close()
+			e := formatOpen(t, dev, engine.Options{CacheSize: 8 << 20})
+			const objects, size = 4, 4 << 20
+			want := make([][]byte, objects)
+			rng := rand.New(rand.NewPCG(uint64(qd), 5))
+			for i := range want {
+				want[i] = make([]byte, size)
+				fill(rng, want[i])
+			}
+			var wg sync.WaitGroup
+			for i := range objects {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					o, err := e.Create(fmt.Sprint("obj", i))
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					got := make([]byte, 4096)
+					for off := 0; off < size; off += 65536 {
+						if _, err := o.WriteAt(want[i][off:off+65536], int64(off)); err != nil {
+							t.Error(err)
+							return
+						}
+						if off%(1<<20) == 0 {
+							if _, err := o.ReadAt(got, int64(off)); err != nil || !bytes.Equal(got, want[i][off:off+4096]) {
+								t.Errorf("obj%d at %d: read back %v, equal %v", i, off, err, bytes.Equal(got, want[i][off:off+4096]))
+								return
+							}
+							if err := o.Sync(); err != nil {
+								t.Error(err)
+								return
+							}
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			if t.Failed() {
+				return
+			}
+			if err := e.Close(); err != nil {
+				t.Fatal(err)
+			}
+			e2, err := engine.Open(dev, engine.Options{CacheSize: 8 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e2.Close()
+			for i := range objects {
+				o, err := e2.Object(fmt.Sprint("obj", i))
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, size)
+				if _, err := o.ReadAt(got, 0); err != nil || !bytes.Equal(got, want[i]) {
+					t.Fatalf("obj%d after Close and Open: %v, equal %v", i, err, bytes.Equal(got, want[i]))
+				}
+			}
+		})
 	}
 }
