@@ -269,7 +269,9 @@ func (e *Engine) pump() {
 		if err := e.startRun(r); err != nil {
 			if errors.Is(err, iouring.ErrNoSlot) {
 				// Every slot of the ring is taken (reads, syncs): wait
-				// for one on a goroutine of its own.
+				// for one on a goroutine of its own. Runs queued behind
+				// it may go out first; their batches still complete in
+				// order (Object.writeback waits for them in turn).
 				go func() { e.asyncDone(r, e.writeRun(r)) }()
 				continue
 			}

@@ -184,6 +184,8 @@ type reactor struct {
 	own sync.Mutex
 	// asleep is set while the reactor sleeps in the netpoller, without own.
 	asleep atomic.Bool
+	// polling is set while a Poll caller reaps (see poll and push).
+	polling atomic.Bool
 
 	// Guarded by own.
 	ring       *Ring
@@ -392,6 +394,9 @@ func (r *reactor) loop() {
 			r.submit(wait)
 		}
 		r.woke = 0
+		// Awake: the loop takes intake before it sleeps again, so pushers
+		// (completion callbacks among them, see File.Start) need not kick.
+		r.intake.And(^uint64(sleepBit))
 		r.ring.Reap(r.complete)
 		r.flushWakes()
 	}
@@ -512,17 +517,20 @@ func (r *reactor) poll() {
 	if sub > 0 {
 		r.submit(0)
 	}
+	// Completion callbacks push more requests: this poll takes them
+	// below, so their pushes need not kick the sleeping reactor.
+	r.polling.Store(true)
 	reaped := r.ring.Reap(r.complete)
+	r.polling.Store(false)
 	if reaped+sub > 0 {
 		r.npoll.Add(1)
 	}
-	if reaped > 0 {
-		// Completions' callbacks (File.Start) may have queued more.
-		r.takeKeepSleep()
-		r.prepHeld()
-		if r.ring.Pending() > 0 {
-			r.submit(0)
-		}
+	// Completions' callbacks (File.Start) may have queued more, and so
+	// may anyone who pushed while polling was set: take it all.
+	r.takeKeepSleep()
+	r.prepHeld()
+	if r.ring.Pending() > 0 {
+		r.submit(0)
 	}
 	r.flushWakes()
 }
@@ -562,7 +570,9 @@ func (r *reactor) push(bottom, top uint32) {
 		// The sleep bit stays set until someone kicks: a pusher, or the
 		// last woken waiter to resume (see waker.wait).
 		if r.intake.CompareAndSwap(old, uint64(top)+1|old&sleepBit) {
-			if old&sleepBit != 0 && r.waking.Load() <= 0 {
+			// A poller reaping now takes intake after it clears polling,
+			// and this push is in intake before polling is read.
+			if old&sleepBit != 0 && r.waking.Load() <= 0 && !r.polling.Load() {
 				r.kickIfAsleep()
 			}
 			return

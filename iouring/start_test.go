@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -250,4 +251,58 @@ func shortFile(t *testing.T) *os.File {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f
+}
+
+// TestFileStartNoSelfKick: a request started from a completion callback
+// must not make its pusher wake the reactor (an eventfd write, and a
+// wake-up for nothing) when the goroutine running the callback — the
+// reactor itself, or a Poll caller — takes it anyway. A chain of 500
+// writes, each started from the previous one's callback, once with the
+// reactor reaping and once with a goroutine polling.
+func TestFileStartNoSelfKick(t *testing.T) {
+	needIOURing(t)
+	for _, polled := range []bool{false, true} {
+		const bs, n = 4096, 500
+		osf := tempDirect(t, bs*16)
+		f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: ModeIOURing, QueueDepth: 4, Rings: 1})
+		buf := directio.AlignedBlock(bs)
+		done := make(chan struct{})
+		var next func(i int)
+		next = func(i int) {
+			if i == n {
+				close(done)
+				return
+			}
+			op := &Op{Write: true, Buf: buf, Off: int64(i%16) * bs}
+			if err := f.Start(op, func(op *Op) {
+				if op.Err != nil {
+					t.Error(op.Err)
+				}
+				next(i + 1)
+			}); err != nil {
+				t.Error(err)
+				close(done)
+			}
+		}
+		before := f.Stats()
+		next(0)
+	wait:
+		for {
+			select {
+			case <-done:
+				break wait
+			default:
+			}
+			if polled {
+				f.Poll()
+			}
+			runtime.Gosched()
+		}
+		st := f.Stats()
+		kicks := st.Kicks - before.Kicks
+		t.Logf("polled %v: %d chained Starts: kicks %d, sleeps %d, polls %d", polled, n, kicks, st.Sleeps-before.Sleeps, st.Polls-before.Polls)
+		if kicks > n/20 {
+			t.Errorf("polled %v: %d kicks for %d chained Starts", polled, kicks, n)
+		}
+	}
 }
