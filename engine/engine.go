@@ -127,6 +127,9 @@ type Engine struct {
 
 	cache *cache.Cache
 	space *reserve.Space
+	// placeMu makes computing a fresh extent's goal and claiming it one
+	// step (see placeFresh).
+	placeMu sync.Mutex
 
 	// life is held shared by every public call and exclusively by Close, so
 	// Close waits for calls in flight before it tears anything down.

@@ -1713,14 +1713,14 @@ func (o *Object) allocLocked() error {
 	for _, r := range ranges {
 		start, n := r.Start, r.Len
 		for n > 0 {
-			goal, cont := o.goalLocked(start, n)
+			goal, cont, fresh := o.goalLocked(start, n)
 			// An extent that starts where the previous one ends extends it:
 			// only one that does not is counted as a new allocation.
 			prevEnd := int64(-1)
 			if cont {
 				prevEnd = goal
 			}
-			got, err := o.placeLocked(goal, n, cont && start+n >= eof)
+			got, err := o.placeLocked(goal, n, cont && start+n >= eof, fresh)
 			if err != nil {
 				return err
 			}
@@ -1751,9 +1751,22 @@ func (o *Object) allocLocked() error {
 // window when it starts there, else exactly at the goal when those blocks
 // are free, else (appendCont: an append continuing the object's last
 // extent) in a fresh region for the stream, else wherever Alloc finds them
-// nearest the goal.
-func (o *Object) placeLocked(goal, n int64, appendCont bool) ([]reserve.Extent, error) {
+// nearest the goal. fresh says goal came from freshGoal: the object has
+// no extent yet.
+func (o *Object) placeLocked(goal, n int64, appendCont, fresh bool) ([]reserve.Extent, error) {
 	e := o.e
+	if fresh {
+		// Objects place their first extents concurrently, and each
+		// computes its goal from the same largest free extent: two
+		// streams starting together got the same goal, and the loser's
+		// Alloc took the best fit by size — a gap of a few MiB just
+		// before another stream, which it outgrew at once (one run in
+		// thirty of 8 × 64 MiB appenders ended with 9 extents).
+		// Computing the goal and claiming it is one step.
+		if h := e.placeFresh(o, n, o.eager.Load()); h.Len > 0 {
+			return []reserve.Extent{h}, nil
+		}
+	}
 	if o.window.Len > 0 && o.window.Start == goal {
 		x := reserve.Extent{Start: goal, Len: min(n, o.window.Len)}
 		if err := e.space.ClaimHeld(x); err != nil {
@@ -1771,10 +1784,10 @@ func (o *Object) placeLocked(goal, n int64, appendCont bool) ([]reserve.Extent, 
 	if appendCont {
 		// An append that cannot continue in place: give the stream a
 		// fresh region with room to grow.
-		goal = e.freshGoal(n, true)
-		if h := o.holdExact(goal, n); h.Len > 0 {
+		if h := e.placeFresh(o, n, true); h.Len > 0 {
 			return []reserve.Extent{h}, nil
 		}
+		goal = e.freshGoal(n, true)
 	}
 	xs, err := e.space.Alloc(n, goal)
 	if err != nil {
@@ -1784,6 +1797,14 @@ func (o *Object) placeLocked(goal, n int64, appendCont bool) ([]reserve.Extent, 
 		return nil, fmt.Errorf("writeback of %q: %w", o.name, err)
 	}
 	return xs, nil
+}
+
+// placeFresh allocates n blocks at freshGoal(n, stream) for o, or nothing
+// (Len 0) if they are not free there; placeMu makes the two one step.
+func (e *Engine) placeFresh(o *Object, n int64, stream bool) reserve.Extent {
+	e.placeMu.Lock()
+	defer e.placeMu.Unlock()
+	return o.holdExact(e.freshGoal(n, stream), n)
 }
 
 // holdExact allocates exactly blocks [goal, goal+n) if they are all
@@ -1808,18 +1829,18 @@ func (o *Object) holdExact(goal, n int64) reserve.Extent {
 // goalLocked picks where the allocation for logical block start should go:
 // right after the physical block mapping start-1 (cont), else after the
 // object's last extent, else a fresh place for a new stream.
-func (o *Object) goalLocked(start, n int64) (goal int64, cont bool) {
+func (o *Object) goalLocked(start, n int64) (goal int64, cont, fresh bool) {
 	if start > 0 {
 		var arr [1]extenttree.Segment
 		s := o.tree.Lookup(arr[:0], start-1, 1)[0]
 		if s.State == extenttree.Unwritten || s.State == extenttree.Written {
-			return s.Phys + start - 1 - s.Start + 1, true
+			return s.Phys + start - 1 - s.Start + 1, true, false
 		}
 	}
 	if last, ok := o.tree.Last(); ok && last.Phys >= 0 {
-		return last.Phys + last.Len, false
+		return last.Phys + last.Len, false, false
 	}
-	return o.e.freshGoal(n, o.eager.Load()), false
+	return o.e.freshGoal(n, o.eager.Load()), false, true
 }
 
 // freshGoal places the first extent of an object. Large first flushes are
