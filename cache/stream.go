@@ -113,28 +113,26 @@ func (c *Cache) AllocStream(id, pos uint64, dst []*Page, n int) []*Page {
 func (c *Cache) refillLocked(s *streamRun, pos uint64, want int) {
 	g := c.streamLen
 	s.idx = s.buf[:0]
-	switch {
-	case c.free.len() < 2*g:
-		// Free frames run short: set none aside, or a refill would
-		// empty the free list, be taken back by the next allocation and
-		// set aside again, write after write.
-		s.idx = c.free.takeN(s.idx, min(want, c.free.len()))
-		slices.Sort(s.idx)
-	default:
-		base, ok := c.free.takeGroup(g)
-		if !ok {
-			s.idx = c.free.takeN(s.idx, g)
-			slices.Sort(s.idx)
-			break
-		}
-		off := uint32(pos % uint64(g))
-		for i := base; i < base+off; i++ {
-			c.free.add(i) // the group's frames before pos's offset stay free
-		}
-		for i := base + off; i < base+uint32(g); i++ {
-			s.idx = append(s.idx, i)
+	// Free frames run short: set none aside beyond what is wanted, or a
+	// refill would empty the free list, be taken back by the next
+	// allocation and set aside again, write after write.
+	k := min(want, c.free.len())
+	if c.free.len() >= 2*g {
+		k = g
+		if base, ok := c.free.takeGroup(g); ok {
+			off := uint32(pos % uint64(g))
+			for i := base; i < base+off; i++ {
+				c.free.add(i) // the group's frames before pos's offset stay free
+			}
+			for i := base + off; i < base+uint32(g); i++ {
+				s.idx = append(s.idx, i)
+			}
+			c.reserved += len(s.idx)
+			return
 		}
 	}
+	s.idx = c.free.takeN(s.idx, k)
+	slices.Sort(s.idx)
 	c.reserved += len(s.idx)
 }
 

@@ -118,8 +118,7 @@ var errInvalid = fs.ErrInvalid
 // Engine is an open rawblock device. All methods are safe for concurrent use.
 type Engine struct {
 	dev      Device
-	poll     func()      // the device's Poll (see poller), or a no-op
-	async    asyncWriter // the device, if writeback can start writes on it (see pump)
+	poll     func() // the device's Poll (see poller), or a no-op
 	sb       superblock
 	bs       int
 	shift    uint
@@ -197,7 +196,7 @@ type Engine struct {
 	stop    chan struct{}
 	bgDone  chan struct{}
 	bufPool sync.Pool      // aligned maxIO buffers for bounce copies
-	wbq     wbQueue        // writeback device I/Os (ioParallel workers)
+	wbq     wbQueue        // writeback device I/Os (ioParallel in flight)
 	raWG    sync.WaitGroup // readahead reads in flight (see readAheadLocked)
 	uf      unflushed      // device writes no good flush has covered yet
 
@@ -445,7 +444,7 @@ func open(dev Device, opts Options) (*Engine, error) {
 	}
 	e.ccond = sync.NewCond(&e.cmu)
 	if a, ok := dev.(asyncWriter); ok && a.AsyncWrites() {
-		e.async, e.wbq.async = a, true
+		e.wbq.async = a
 	}
 	if p, ok := dev.(poller); ok {
 		e.poll = p.Poll
@@ -1338,9 +1337,7 @@ func (e *Engine) flushDevice() error {
 }
 
 func (e *Engine) writeDev(p []byte, off int64) error {
-	e.devWrites.Add(1)
-	e.devBytesW.Add(uint64(len(p)))
-	t := e.uf.start(off, int64(len(p)))
+	t := e.beginWrite(off, int64(len(p)))
 	n, err := e.dev.WriteAt(p, off)
 	e.uf.finish(t)
 	return whole("write", n, len(p), off, err)

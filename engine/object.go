@@ -1713,7 +1713,7 @@ func (o *Object) allocLocked() error {
 	for _, r := range ranges {
 		start, n := r.Start, r.Len
 		for n > 0 {
-			goal, cont, fresh := o.goalLocked(start, n)
+			goal, cont, fresh := o.goalLocked(start)
 			// An extent that starts where the previous one ends extends it:
 			// only one that does not is counted as a new allocation.
 			prevEnd := int64(-1)
@@ -1751,21 +1751,16 @@ func (o *Object) allocLocked() error {
 // window when it starts there, else exactly at the goal when those blocks
 // are free, else (appendCont: an append continuing the object's last
 // extent) in a fresh region for the stream, else wherever Alloc finds them
-// nearest the goal. fresh says goal came from freshGoal: the object has
-// no extent yet.
+// nearest the goal. fresh says the object has no extent yet: its goal is
+// freshGoal's, computed here (see placeFresh), and goal is unused.
 func (o *Object) placeLocked(goal, n int64, appendCont, fresh bool) ([]reserve.Extent, error) {
 	e := o.e
 	if fresh {
-		// Objects place their first extents concurrently, and each
-		// computes its goal from the same largest free extent: two
-		// streams starting together got the same goal, and the loser's
-		// Alloc took the best fit by size — a gap of a few MiB just
-		// before another stream, which it outgrew at once (one run in
-		// thirty of 8 × 64 MiB appenders ended with 9 extents).
-		// Computing the goal and claiming it is one step.
-		if h := e.placeFresh(o, n, o.eager.Load()); h.Len > 0 {
+		h, g := e.placeFresh(o, n, o.eager.Load())
+		if h.Len > 0 {
 			return []reserve.Extent{h}, nil
 		}
+		return o.allocNear(g, n)
 	}
 	if o.window.Len > 0 && o.window.Start == goal {
 		x := reserve.Extent{Start: goal, Len: min(n, o.window.Len)}
@@ -1784,12 +1779,18 @@ func (o *Object) placeLocked(goal, n int64, appendCont, fresh bool) ([]reserve.E
 	if appendCont {
 		// An append that cannot continue in place: give the stream a
 		// fresh region with room to grow.
-		if h := e.placeFresh(o, n, true); h.Len > 0 {
+		h, g := e.placeFresh(o, n, true)
+		if h.Len > 0 {
 			return []reserve.Extent{h}, nil
 		}
-		goal = e.freshGoal(n, true)
+		goal = g
 	}
-	xs, err := e.space.Alloc(n, goal)
+	return o.allocNear(goal, n)
+}
+
+// allocNear allocates n blocks wherever Alloc finds them nearest goal.
+func (o *Object) allocNear(goal, n int64) ([]reserve.Extent, error) {
+	xs, err := o.e.space.Alloc(n, goal)
 	if err != nil {
 		if errors.Is(err, reserve.ErrNoSpace) {
 			return nil, fmt.Errorf("%w: writeback of %q: %v", ErrNoSpace, o.name, err)
@@ -1799,12 +1800,20 @@ func (o *Object) placeLocked(goal, n int64, appendCont, fresh bool) ([]reserve.E
 	return xs, nil
 }
 
-// placeFresh allocates n blocks at freshGoal(n, stream) for o, or nothing
-// (Len 0) if they are not free there; placeMu makes the two one step.
-func (e *Engine) placeFresh(o *Object, n int64, stream bool) reserve.Extent {
+// placeFresh allocates n blocks for o at goal = freshGoal(n, stream), or
+// nothing (Len 0) if they are not free there, and returns the goal.
+//
+// Objects place first extents concurrently, each computing its goal from
+// the same largest free extent: two streams starting together got the
+// same goal, and the loser's Alloc took the best fit by size — a gap of a
+// few MiB just before another stream, which it outgrew at once (2 runs in
+// 70 of 8 × 64 MiB appenders ended with 9 to 11 extents). placeMu makes
+// computing the goal and claiming it one step.
+func (e *Engine) placeFresh(o *Object, n int64, stream bool) (reserve.Extent, int64) {
 	e.placeMu.Lock()
 	defer e.placeMu.Unlock()
-	return o.holdExact(e.freshGoal(n, stream), n)
+	goal := e.freshGoal(n, stream)
+	return o.holdExact(goal, n), goal
 }
 
 // holdExact allocates exactly blocks [goal, goal+n) if they are all
@@ -1828,8 +1837,9 @@ func (o *Object) holdExact(goal, n int64) reserve.Extent {
 
 // goalLocked picks where the allocation for logical block start should go:
 // right after the physical block mapping start-1 (cont), else after the
-// object's last extent, else a fresh place for a new stream.
-func (o *Object) goalLocked(start, n int64) (goal int64, cont, fresh bool) {
+// object's last extent, else (fresh, goal unset) a fresh place that
+// placeLocked picks (see placeFresh).
+func (o *Object) goalLocked(start int64) (goal int64, cont, fresh bool) {
 	if start > 0 {
 		var arr [1]extenttree.Segment
 		s := o.tree.Lookup(arr[:0], start-1, 1)[0]
@@ -1840,7 +1850,7 @@ func (o *Object) goalLocked(start, n int64) (goal int64, cont, fresh bool) {
 	if last, ok := o.tree.Last(); ok && last.Phys >= 0 {
 		return last.Phys + last.Len, false, false
 	}
-	return o.e.freshGoal(n, o.eager.Load()), false, true
+	return -1, false, true
 }
 
 // freshGoal places the first extent of an object. Large first flushes are

@@ -37,7 +37,7 @@ func TestPlaceFreshAtomic(t *testing.T) {
 				<-start
 				o.mu.Lock()
 				defer o.mu.Unlock()
-				if h := e.placeFresh(o, 256, true); h.Len != 256 {
+				if h, _ := e.placeFresh(o, 256, true); h.Len != 256 {
 					failed <- o.name
 				}
 			}()

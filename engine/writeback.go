@@ -21,12 +21,27 @@ func (e *Engine) writevDev(v vectorDevice, bufs [][]byte, off int64) error {
 	for _, b := range bufs {
 		total += len(b)
 	}
-	e.devWrites.Add(1)
-	e.devBytesW.Add(uint64(total))
-	t := e.uf.start(off, int64(total))
+	t := e.beginWrite(off, int64(total))
 	n, err := v.WritevAt(bufs, off)
 	e.uf.finish(t)
 	return whole("write", n, total, off, err)
+}
+
+// beginWrite counts a device write of n bytes at off about to be issued
+// and records it as unflushed; uf.finish(ticket) follows when it ends.
+// Counted before it is issued: its completion may be reported, and a
+// Sync return, before the call that issued it does.
+func (e *Engine) beginWrite(off, n int64) uint64 {
+	e.devWrites.Add(1)
+	e.devBytesW.Add(uint64(n))
+	return e.uf.start(off, n)
+}
+
+// cancelWrite undoes beginWrite for a write that was never issued.
+func (e *Engine) cancelWrite(ticket uint64, n int64) {
+	e.uf.cancel(ticket)
+	e.devWrites.Add(^uint64(0))
+	e.devBytesW.Add(-uint64(n))
 }
 
 func (e *Engine) readvDev(v vectorDevice, bufs [][]byte, off int64) error {
@@ -143,7 +158,7 @@ type wbQueue struct {
 	next    int                // ring index of the lane whose turn it is
 	queued  int                // runs waiting, over all lanes
 	workers int                // worker goroutines (synchronous devices)
-	async   bool               // the device is an asyncWriter: runs go out through pump
+	async   asyncWriter        // the device, if runs go out through pump
 	started int                // runs pump started and not yet done
 }
 
@@ -171,7 +186,7 @@ func (q *wbQueue) push(e *Engine, lane uint64, runs []wbRun) {
 	}
 	l.runs = append(l.runs, runs...)
 	q.queued += len(runs)
-	if q.async {
+	if q.async != nil {
 		q.mu.Unlock()
 		e.pump()
 		return
@@ -297,51 +312,47 @@ func (e *Engine) asyncFinish(r wbRun, err error) {
 // startRun issues one run's write on the asyncWriter; asyncDone follows
 // its completion. An error means nothing was issued.
 func (e *Engine) startRun(r wbRun) error {
-	ps := r.pages
-	off := ps[0].phys << e.shift
+	off, total := r.pages[0].phys<<e.shift, int64(len(r.pages))<<e.shift
 	var buf []byte
 	var bufs [][]byte
-	total := int64(len(ps)) << e.shift
 	if r.span {
-		buf = ps[0].pg.Span(len(ps))
+		buf = r.spanBuf()
 	} else {
-		bufs = make([][]byte, len(ps))
-		for k, w := range ps {
-			bufs[k] = w.pg.Data()
-		}
+		bufs = r.frameBufs()
 	}
-	// Counted before the start: the completion may be reported, and a
-	// Sync return, before StartWrite does.
-	e.devWrites.Add(1)
-	e.devBytesW.Add(uint64(total))
-	t := e.uf.start(off, total)
-	err := e.async.StartWrite(buf, bufs, off, func(err error) {
+	t := e.beginWrite(off, total)
+	err := e.wbq.async.StartWrite(buf, bufs, off, func(err error) {
 		e.uf.finish(t)
 		e.asyncDone(r, err)
 	})
 	if err != nil {
-		e.uf.cancel(t)
-		e.devWrites.Add(^uint64(0))
-		e.devBytesW.Add(-uint64(total))
+		e.cancelWrite(t, total)
 		return err
 	}
 	return nil
+}
+
+// spanBuf is a span run's pages as one buffer: its frames are aligned
+// and follow each other in the arena, so it is written where it is.
+func (r wbRun) spanBuf() []byte { return r.pages[0].pg.Span(len(r.pages)) }
+
+// frameBufs is the run's frames, for a vectored write.
+func (r wbRun) frameBufs() [][]byte {
+	bufs := make([][]byte, len(r.pages))
+	for k, w := range r.pages {
+		bufs[k] = w.pg.Data()
+	}
+	return bufs
 }
 
 // writeRun writes one run's pages with one device I/O.
 func (e *Engine) writeRun(r wbRun) error {
 	ps := r.pages
 	if r.span {
-		// Frames are aligned, and these follow each other in the arena:
-		// write them where they are, as one buffer.
-		return e.writeDev(ps[0].pg.Span(len(ps)), ps[0].phys<<e.shift)
+		return e.writeDev(r.spanBuf(), ps[0].phys<<e.shift)
 	}
 	if v, ok := e.dev.(vectorDevice); ok {
-		bufs := make([][]byte, len(ps))
-		for k, w := range ps {
-			bufs[k] = w.pg.Data()
-		}
-		return e.writevDev(v, bufs, ps[0].phys<<e.shift)
+		return e.writevDev(v, r.frameBufs(), ps[0].phys<<e.shift)
 	}
 	bufp := e.bufPool.Get().(*[]byte)
 	defer e.bufPool.Put(bufp)

@@ -101,9 +101,10 @@ type backend interface {
 	registerArena(a *Arena) (note string, err error)
 	// poll does pending ring work on the calling goroutine (see Poll).
 	poll()
-	// start queues op and returns at once, or returns false if it cannot
-	// (no free slot, or no asynchronous path): see File.Start.
-	start(op *Op, cb func(res int32)) bool
+	// start queues op and returns at once, or returns an error wrapping
+	// ErrNoSlot, queueing nothing (no free slot, or no asynchronous
+	// path): see File.Start.
+	start(op *Op, cb func(res int32)) error
 	stats() FileStats
 	close() error
 }
@@ -468,12 +469,8 @@ func (f *File) Start(op *Op, done func(*Op)) error {
 		f.exit()
 		return fmt.Errorf("iouring: Start: %s at negative offset %d: %w", opName(op.Write), op.Off, syscall.EINVAL)
 	}
-	if f.mode != ModeIOURing {
-		f.exit()
-		return fmt.Errorf("iouring: Start in %s mode: %w: %w", f.mode, ErrNoSlot, errors.ErrUnsupported)
-	}
 	op.N, op.Err = 0, nil
-	ok := f.be.start(op, func(res int32) {
+	err := f.be.start(op, func(res int32) {
 		if res < 0 {
 			op.Err = errnoOf(res)
 		} else {
@@ -491,20 +488,25 @@ func (f *File) Start(op *Op, done func(*Op)) error {
 		done(op)
 		f.exit()
 	})
-	if !ok {
+	if err != nil {
 		f.exit()
-		return ErrNoSlot
+		return err
 	}
 	return nil
+}
+
+// want is the number of bytes op transfers when it completes.
+func (op *Op) want() int {
+	if op.Bufs != nil {
+		return vecLen(op.Bufs)
+	}
+	return len(op.Buf)
 }
 
 // settle wraps a failed op's error as Do does, and reports whether op
 // was short and must be continued (see continueOp).
 func (f *File) settle(op *Op) bool {
-	want := len(op.Buf)
-	if op.Bufs != nil {
-		want = vecLen(op.Bufs)
-	}
+	want := op.want()
 	switch {
 	case op.Err != nil:
 		op.Err = fmt.Errorf("iouring: %s %d bytes at offset %d on fd %d: %w", opName(op.Write), want, op.Off, f.fd, op.Err)
@@ -518,14 +520,13 @@ func (f *File) settle(op *Op) bool {
 
 // continueOp finishes a short op synchronously, as Do does.
 func (f *File) continueOp(op *Op) {
-	want := len(op.Buf)
+	want := op.want()
 	switch {
 	case op.Bufs != nil:
 		// Short, or longer than one request: continue. Even N == 0 is
 		// retried once (the request may have been MaxIovecs empty
 		// buffers); finishv skips empty buffers and stops at the first
 		// request that moves nothing.
-		want = vecLen(op.Bufs)
 		op.N, op.Err = f.finishv(op.Write, op.Bufs, want, op.Off, op.N)
 	case op.N == 0:
 		op.Err = shortErr(op.Write, 0, want, op.Off)

@@ -3,6 +3,8 @@
 package iouring
 
 import (
+	"errors"
+	"fmt"
 	"math/bits"
 	"sync"
 	"sync/atomic"
@@ -179,7 +181,9 @@ func (b *psyncBackend) registerArena(*Arena) (string, error) {
 func (b *psyncBackend) poll() {}
 
 // start has no asynchronous path: a pread/pwrite blocks its thread.
-func (b *psyncBackend) start(*Op, func(int32)) bool { return false }
+func (b *psyncBackend) start(*Op, func(int32)) error {
+	return fmt.Errorf("iouring: Start in psync mode: %w: %w", ErrNoSlot, errors.ErrUnsupported)
+}
 
 func (b *psyncBackend) stats() FileStats {
 	return FileStats{Requests: b.nreq.Load()}

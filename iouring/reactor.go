@@ -511,12 +511,7 @@ func (r *reactor) poll() {
 		return
 	}
 	defer r.own.Unlock()
-	r.takeKeepSleep()
-	r.prepHeld()
-	sub := r.ring.Pending()
-	if sub > 0 {
-		r.submit(0)
-	}
+	sub := r.submitIntake()
 	// Completion callbacks push more requests: this poll takes them
 	// below, so their pushes need not kick the sleeping reactor.
 	r.polling.Store(true)
@@ -527,12 +522,20 @@ func (r *reactor) poll() {
 	}
 	// Completions' callbacks (File.Start) may have queued more, and so
 	// may anyone who pushed while polling was set: take it all.
+	r.submitIntake()
+	r.flushWakes()
+}
+
+// submitIntake is poll's submission: it takes intake (keeping the sleep
+// bit), prepares and submits it, and returns how many SQEs went in.
+func (r *reactor) submitIntake() int {
 	r.takeKeepSleep()
 	r.prepHeld()
-	if r.ring.Pending() > 0 {
+	n := r.ring.Pending()
+	if n > 0 {
 		r.submit(0)
 	}
-	r.flushWakes()
+	return n
 }
 
 func (r *reactor) armEventfd() {
@@ -967,22 +970,22 @@ func (b *uringBackend) pick() *reactor {
 }
 
 // start queues one request without waiting for it: cb gets the kernel's
-// result on the goroutine that reaps it. It returns false, queueing
+// result on the goroutine that reaps it. It returns ErrNoSlot, queueing
 // nothing, when no slot is free.
-func (b *uringBackend) start(op *Op, cb func(res int32)) bool {
+func (b *uringBackend) start(op *Op, cb func(res int32)) error {
 	r := b.pick()
 	var idx uint32
 	select {
 	case idx = <-r.free:
 	default:
-		return false
+		return ErrNoSlot
 	}
 	s := &r.slots[idx]
 	s.gen++
 	s.setOp(op)
 	s.kind, s.cb = kindAsync, cb
 	r.push(idx, idx)
-	return true
+	return nil
 }
 
 // setOp fills the slot with op's request: its first MaxIovecs buffers, or
