@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -84,6 +85,11 @@ func TestExportNameTooBigDisconnects(t *testing.T) {
 	c.sendOpt(optExportName, name)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	b, err := io.ReadAll(c.br)
+	// The server does not read the refused name, and a socket closed with
+	// unread data ends in a reset rather than a FIN: a close all the same.
+	if errors.Is(err, syscall.ECONNRESET) {
+		err = nil
+	}
 	if err != nil || len(b) != 0 {
 		var size uint64
 		if len(b) >= 8 {
