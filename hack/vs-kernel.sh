@@ -9,7 +9,11 @@
 # EVERYTHING ON IT IS DESTROYED (mkfs, raw writes, rawblock format). The
 # script refuses a device that is mounted, holds mounted partitions or is in
 # use as swap. ROUNDS (default 3) rounds alternate which side (kernel/fio or
-# rawblock) goes first, so drift does not favour one of them.
+# rawblock) goes first, so drift does not favour one of them. The engine's
+# two sequential-write workloads last a fraction of a second against fio's
+# 10 s ceiling, so each round runs them REPS times (default 3) and their
+# medians pool every run: five single short runs sampled the device's
+# fast and slow moments too coarsely for a stable median.
 #
 # Workloads (per round):
 #   1. seqwrite 4k, 8 files/objects × 64 MiB, 8 jobs, then sync: XFS and
@@ -60,8 +64,10 @@ die() {
 dev=$1
 rounds=${2:-3}
 prefill=${PREFILL:-1}
+reps=${REPS:-3}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, not '$rounds'"
 ((rounds <= 20)) || die "ROUNDS $rounds: at most 20 (each round takes about a minute)"
+[[ $reps =~ ^[1-9]$ ]] || die "REPS must be 1..9, not '$reps'"
 [ "$(id -u)" -eq 0 ] || die "needs root (mkfs, mount, drop_caches)"
 [ -e "$dev" ] || die "$dev does not exist"
 [ -b "$dev" ] || die "$dev is not a block device (this script runs mkfs on it; use hack/loopdev.sh up 4G)"
@@ -241,10 +247,13 @@ kernel_side() {
 
 rawblock_side() {
 	local r=$1
-	echo "round $r/$rounds: rawblock seqwrite 4k 8×64M ..." >&2
-	rb seq4k "$r" --workload seqwrite --bs 4k --objects 8 --size 64M --jobs 8 --runtime 120s
-	echo "round $r/$rounds: rawblock seqwrite 1M 1×$big ..." >&2
-	rb seq1m "$r" --workload seqwrite --bs 1M --objects 1 --size "$big" --jobs 1 --runtime 120s
+	local k
+	for ((k = 1; k <= reps; k++)); do
+		echo "round $r/$rounds: rawblock seqwrite 4k 8×64M ($k/$reps) ..." >&2
+		rb seq4k "$r.$k" --workload seqwrite --bs 4k --objects 8 --size 64M --jobs 8 --runtime 120s
+		echo "round $r/$rounds: rawblock seqwrite 1M 1×$big ($k/$reps) ..." >&2
+		rb seq1m "$r.$k" --workload seqwrite --bs 1M --objects 1 --size "$big" --jobs 1 --runtime 120s
+	done
 	echo "round $r/$rounds: rawblock randread 4k 8×128M cache 128M ..." >&2
 	rb randread "$r" --workload randread --bs 4k --objects 8 --size 128M --jobs 32 --cache 128M --runtime 10s
 	echo "round $r/$rounds: rawblock randread 4k cached ..." >&2
@@ -280,13 +289,13 @@ echo "kernel: $(uname -r)"
 echo "cpu: ${cpu:-unknown} ($(nproc) CPUs)"
 echo "fio: $(fio --version)"
 echo "device: $dev, $((devsize >> 20)) MiB$([ -r "/sys/block/${dev#/dev/}/loop/backing_file" ] && echo ", loop on $(cat "/sys/block/${dev#/dev/}/loop/backing_file") (dio=$(cat "/sys/block/${dev#/dev/}/loop/dio"))")"
-echo "$rounds rounds (medians; order alternates per round), ${elapsed}s; load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$rounds rounds (medians; order alternates per round; engine seqwrite runs $reps× per round), ${elapsed}s; load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 
-python3 - "$tmp" "$rounds" "$hz" "$big_bytes" <<'PY'
+python3 - "$tmp" "$rounds" "$hz" "$big_bytes" "$reps" <<'PY'
 import json, math, os, statistics, sys
 
-tmp, rounds, hz, big = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+tmp, rounds, hz, big, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 MiB, GiB = 1 << 20, 1 << 30
 KERNEL_BYTES = 8 * 64 * MiB
 errors = []
@@ -345,8 +354,10 @@ rawwrite = [fio_raw("rawwrite", r, "write") for r in R]
 rawread = [fio_raw("rawrandread", r, "randread") for r in R]
 rawpass = [fio_raw("rawpass", r, "write") for r in R]
 rawstreams = [fio_raw("rawstreams", r, "write") for r in R]
-seq4k = [rb("seq4k", r, 8 * 64 * MiB) for r in R]
-seq1m = [rb("seq1m", r, big) for r in R]
+# The engine's sequential writes take a fraction of a second each, so each
+# round runs them REPS times back to back and the medians pool every run.
+seq4k = [rb("seq4k", f"{r}.{k}", 8 * 64 * MiB) for r in R for k in range(1, reps + 1)]
+seq1m = [rb("seq1m", f"{r}.{k}", big) for r in R for k in range(1, reps + 1)]
 rread = [rb("randread", r) for r in R]
 cached = [rb("cached", r) for r in R]
 append = [rb("append", r, 8 * 4000 * 1024) for r in R]
@@ -395,7 +406,11 @@ for r_ in rows:
     print("| " + " | ".join(r_) + " |")
 
 def show(docs, key, spec):
-    return " ".join("ERR" if d is None else format(d[key], spec) for d in docs)
+    vals = ["ERR" if d is None else format(d[key], spec) for d in docs]
+    if len(docs) == rounds * reps and reps > 1:
+        # One group per round, its runs joined by '/'.
+        return " ".join("/".join(vals[i:i + reps]) for i in range(0, len(vals), reps))
+    return " ".join(vals)
 
 def hits(docs):
     return " ".join("ERR" if d is None else f"{d['cache_hits']}/{d['cache_misses']}" for d in docs)
