@@ -203,10 +203,11 @@ type Engine struct {
 	allocations, devWrites, devReads, devBytesW, devBytesR atomic.Uint64
 	commits, checkpoints, journalBytes, flushes            atomic.Uint64
 	ringUsed                                               atomic.Int64 // ring.used, for Stats
-	// ckptBytes is the size of the newest checkpoint, and logged the
-	// operation bytes logged since its snapshot: together they bound the
-	// next checkpoint's size (metaRoom).
-	ckptBytes, logged atomic.Int64
+	// ckptBytes is the payload size of the newest checkpoint, logged the
+	// operation bytes logged since its snapshot, and metaPending the extent
+	// records no logged operation covers yet: together they bound the next
+	// checkpoint's size (metaUsed).
+	ckptBytes, logged, metaPending atomic.Int64
 }
 
 // alignedBuf returns a buffer aligned for O_DIRECT. directio aligns to 4096,
@@ -450,7 +451,7 @@ func open(dev Device, opts Options) (*Engine, error) {
 		e.poll = p.Poll
 	}
 	e.ringUsed.Store(e.ring.used)
-	e.ckptBytes.Store(int64(l.ckpt.encodedLen))
+	e.ckptBytes.Store(int64(l.ckpt.payloadLen))
 	e.logged.Store(int64(l.ring.used) * int64(e.bs))
 	e.bufPool.New = func() any { b := alignedBuf(max(maxIOBytes, e.bs)); return &b }
 	for _, mo := range l.state.byID {
@@ -548,7 +549,7 @@ func (e *Engine) Create(name string) (*Object, error) {
 		return nil, err
 	}
 	defer e.exit()
-	if err := e.metaRoom(); err != nil {
+	if err := e.metaRoom(0); err != nil {
 		return nil, fmt.Errorf("create %q: %w", name, err)
 	}
 	e.mu.Lock()
@@ -868,7 +869,7 @@ func (e *Engine) planCheckpoint(p *commitPlan, snap *checkpoint) error {
 	if err != nil {
 		return err
 	}
-	e.ckptBytes.Store(int64(len(data)))
+	e.ckptBytes.Store(ckptPayloadLen(data, e.bs))
 	slot := 1 - e.ckptSlot
 	p.buf, p.off, p.preFlush, p.ckpt = data, e.sb.CkptStart[slot]*int64(e.bs), true, true
 	p.what = fmt.Sprintf("checkpoint %c", 'A'+slot)
@@ -1033,20 +1034,53 @@ func (e *Engine) logFree(o *Object, start, n int64, freed []extenttree.PhysExten
 	}
 }
 
-// metaRoom fails with ErrMetadataFull when the next checkpoint might not
-// fit its region. Each logged byte adds at most two bytes to a checkpoint
-// (an object record is 11 bytes longer than its create operation), so the
-// newest checkpoint's size plus twice what was logged since bounds it. Only
-// when that bound crosses the limit is a checkpoint taken to measure.
-func (e *Engine) metaRoom() error {
-	limit := e.sb.CkptBlocks * int64(e.bs-ckptHeaderLen-4) * 15 / 16
-	if e.ckptBytes.Load()+2*e.logged.Load() <= limit {
+// Metadata room. Every Sync may have to write a checkpoint of everything,
+// so a change is refused with ErrMetadataFull, before it is made, when the
+// checkpoint it leads to might not fit its region; a Sync never finds out
+// too late. metaUsed bounds the next checkpoint's payload:
+//   - the newest checkpoint's payload;
+//   - twice the operation bytes logged since: an object record is 11 bytes
+//     longer than its create operation, an extent record (24 bytes) is
+//     shorter than its map operation (33), an unmap splits at most one
+//     record in two;
+//   - one extent record for each Delalloc or Unwritten entry of an object's
+//     map (metaPending): writeback turns each into at least one Written
+//     extent, logged only when its data is durable — a write is accepted
+//     long before that;
+//   - and one for each hole run a write in progress will fill, or an
+//     extent a punch in progress may split (reserved by metaRoom, returned
+//     by the caller when its change is recorded).
+// The limit keeps a sixteenth of the region for what writeback adds
+// without asking: a range allocated in several pieces because free space
+// is fragmented (one extent record per extra piece).
+
+// metaLimit is the payload bytes a checkpoint may be counted up to.
+func (e *Engine) metaLimit() int64 {
+	return e.sb.CkptBlocks * int64(e.bs-ckptHeaderLen-4) * 15 / 16
+}
+
+// metaUsed bounds the payload of the next checkpoint (see above).
+func (e *Engine) metaUsed() int64 {
+	return e.ckptBytes.Load() + 2*e.logged.Load() + extentRecLen*e.metaPending.Load()
+}
+
+// metaRoom reserves room for extents more extent records, or fails with
+// ErrMetadataFull, reserving nothing, when the next checkpoint might then
+// not fit its region. Only when the bound crosses the limit is a checkpoint
+// taken to measure. The caller gives a reservation back with
+// metaPending.Add(-extents) once its change is recorded.
+func (e *Engine) metaRoom(extents int64) error {
+	limit := e.metaLimit()
+	e.metaPending.Add(extents)
+	if e.metaUsed() <= limit {
 		return nil
 	}
 	if err := e.commit(true); err != nil && !errors.Is(err, errCkptFull) {
+		e.metaPending.Add(-extents)
 		return err
 	}
-	if used := e.ckptBytes.Load() + 2*e.logged.Load(); used > limit {
+	if used := e.metaUsed(); used > limit {
+		e.metaPending.Add(-extents)
 		return fmt.Errorf("%w: checkpoint of about %d bytes, the region holds %d", ErrMetadataFull, used, limit)
 	}
 	return nil
@@ -1114,6 +1148,8 @@ func (e *Engine) Close() error {
 				err = fmt.Errorf("rawblock: invariant broken: %d blocks still reserved after the final writeback", sp.Reserved)
 			} else if cerr := e.space.Check(); cerr != nil {
 				err = fmt.Errorf("rawblock: invariant broken at close: %w", cerr)
+			} else if n := e.metaPending.Load(); n != 0 {
+				err = fmt.Errorf("rawblock: invariant broken: %d extent records counted as pending after the final writeback", n)
 			}
 		}
 	}

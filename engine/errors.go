@@ -3,7 +3,10 @@
 // allocation and O_DIRECT I/O through io_uring.
 package engine
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 // Sentinel errors. Every error the engine returns that falls in one of these
 // classes wraps the sentinel, so callers test with errors.Is. Name lookups
@@ -22,7 +25,11 @@ var (
 	// read-only, or one that has shut itself down after a metadata I/O error.
 	ErrReadOnly = errors.New("rawblock: read-only")
 	// ErrMetadataFull is returned when the metadata region (journal and
-	// checkpoints) cannot hold another object or extent. Data space may
-	// remain; removing objects or coarser writes make room.
-	ErrMetadataFull = errors.New("rawblock: metadata region full")
+	// checkpoints) cannot hold another object or extent. It wraps
+	// ErrNoSpace — to a caller it is the device being full, as running out
+	// of inodes is ENOSPC to a file system's — and, like it, comes from the
+	// call that would need the room (Create, WriteAt, PunchHole), never
+	// from Sync, and with nothing changed. Data space may remain; removing
+	// objects or coarser writes make room.
+	ErrMetadataFull = fmt.Errorf("%w: metadata region full", ErrNoSpace)
 )

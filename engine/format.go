@@ -238,6 +238,7 @@ type checkpoint struct {
 	Chain        uint32
 	Objects      []ckptObject
 	encodedLen   int // bytes on disk, set by decodeCheckpoint
+	payloadLen   int // payload bytes (what the region's capacity counts), set by decodeCheckpoint
 }
 
 type ckptObject struct {
@@ -422,8 +423,17 @@ func decodeCheckpoint(data []byte, bs int) (*checkpoint, error) {
 	if r.remaining() != 0 {
 		return nil, bad("%d trailing bytes", r.remaining())
 	}
-	c.encodedLen = count * bs
+	c.encodedLen, c.payloadLen = count*bs, len(payload)
 	return c, nil
+}
+
+// ckptPayloadLen returns the payload bytes of an encoded checkpoint.
+func ckptPayloadLen(data []byte, bs int) int64 {
+	var n int64
+	for off := 0; off+bs <= len(data); off += bs {
+		n += int64(binary.LittleEndian.Uint32(data[off+20:]))
+	}
+	return n
 }
 
 // reader is a bounds-checked little-endian decoder; after the first short

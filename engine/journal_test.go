@@ -469,3 +469,121 @@ func TestMetadataFull(t *testing.T) {
 		t.Fatalf("create after removals: %v", err)
 	}
 }
+
+// TestMetadataFullComesBeforeSync: data written but not yet written back
+// still needs extent records in the next checkpoint. Writes that would
+// need more than the region holds are refused with ErrMetadataFull (which
+// is ErrNoSpace) and change nothing; everything accepted then syncs,
+// survives Close and Open, and the region is used to at least 90 % of what
+// the records take.
+func TestMetadataFullComesBeforeSync(t *testing.T) {
+	type step func(i int) (name string, off int64, want byte, err error)
+	run := func(t *testing.T, fo FormatOptions, perItem int64, do func(e *Engine) step) {
+		dev := NewMemDevice(16<<20, 512)
+		if err := Format(dev, fo); err != nil {
+			t.Fatal(err)
+		}
+		e, err := Open(dev, Options{CacheSize: 64 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		next := do(e)
+		type acked struct {
+			name string
+			off  int64
+			b    byte
+		}
+		var done []acked
+		for i := 0; ; i++ {
+			if i > 1<<20 {
+				t.Fatal("the metadata region never filled")
+			}
+			name, off, b, err := next(i)
+			if err != nil {
+				if !errors.Is(err, ErrMetadataFull) || !errors.Is(err, ErrNoSpace) {
+					t.Fatalf("item %d: %v, want ErrMetadataFull wrapping ErrNoSpace", i, err)
+				}
+				break
+			}
+			done = append(done, acked{name, off, b})
+		}
+		if fit := e.metaLimit() / perItem; int64(len(done)) < fit*9/10 {
+			t.Errorf("%d items accepted; about %d fit the region", len(done), fit)
+		}
+		if err := e.Sync(); err != nil {
+			t.Fatalf("Sync after %d accepted items: %v", len(done), err)
+		}
+		if err := e.Close(); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+		if e, err = Open(dev, Options{CacheSize: 8 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		for _, a := range done {
+			o, err := e.Object(a.name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var b [1]byte
+			if _, err := o.ReadAt(b[:], a.off); err != nil || b[0] != a.b {
+				t.Fatalf("%q at %d: %#x, %v; want %#x", a.name, a.off, b[0], err, a.b)
+			}
+		}
+	}
+	// A refused write must change nothing.
+	write := func(o *Object, i int, off int64) error {
+		size := o.Size()
+		n, err := o.WriteAt([]byte{byte(i%251 + 1)}, off)
+		if err != nil && (n != 0 || o.Size() != size) {
+			return fmt.Errorf("refused write wrote %d bytes, size %d -> %d: %v", n, size, o.Size(), err)
+		}
+		return err
+	}
+
+	t.Run("objects", func(t *testing.T) {
+		// An object record (22 bytes and the name) and one extent record.
+		run(t, FormatOptions{}, 22+8+extentRecLen, func(e *Engine) step {
+			return func(i int) (string, int64, byte, error) {
+				name := fmt.Sprintf("o%07d", i)
+				o, err := e.Create(name)
+				if err != nil {
+					return "", 0, 0, err
+				}
+				return name, 0, byte(i%251 + 1), write(o, i, 0)
+			}
+		})
+	})
+	t.Run("sparse", func(t *testing.T) {
+		run(t, FormatOptions{MetadataSize: 64 << 10}, extentRecLen, func(e *Engine) step {
+			o, err := e.Create("sparse")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return func(i int) (string, int64, byte, error) {
+				off := int64(i) * 2 * 4096
+				return "sparse", off, byte(i%251 + 1), write(o, i, off)
+			}
+		})
+	})
+	t.Run("punch", func(t *testing.T) {
+		// Punching holes into delalloc data splits its one entry.
+		run(t, FormatOptions{MetadataSize: 64 << 10}, extentRecLen, func(e *Engine) step {
+			o, err := e.Create("punched")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := o.WriteAt(bytes.Repeat([]byte{7}, 8<<20), 0); err != nil {
+				t.Fatal(err)
+			}
+			return func(i int) (string, int64, byte, error) {
+				off := int64(i)*2*4096 + 4096
+				if off >= 8<<20 {
+					t.Fatal("ran out of blocks to punch")
+				}
+				// The block before the hole still holds 7s.
+				return "punched", off - 4096, 7, o.PunchHole(off, 4096)
+			}
+		})
+	})
+}

@@ -476,11 +476,13 @@ func (o *Object) writeAt(p []byte, off int64) (int, error) {
 	bs := int64(e.bs)
 	b0, b1 := off>>e.shift, (off+int64(len(p))-1)>>e.shift+1
 
-	reserved, oldSize, err := o.reserveWrite(b0, b1, off)
+	reserved, metaRes, oldSize, err := o.reserveWrite(b0, b1, off)
 	if err != nil {
 		return 0, err
 	}
 	defer e.unreserveLeft(&reserved)
+	// The recorded blocks count in metaPending by themselves (recordLocked).
+	defer e.metaPending.Add(-metaRes)
 
 	// The frame slice is the object's, reused from write to write (wmu
 	// is held): one grown per write was 4 % of the CPU of 4 KiB appends.
@@ -573,28 +575,44 @@ func (o *Object) writeAt(p []byte, off int64) (int, error) {
 // modifications out, and writeback only turns delalloc into unwritten and
 // written, so the count can only shrink until the write records its
 // blocks.
-func (o *Object) reserveWrite(b0, b1, off int64) (holes, size int64, err error) {
+func (o *Object) reserveWrite(b0, b1, off int64) (holes, runs, size int64, err error) {
 	e := o.e
 	o.mu.RLock()
 	if o.removed {
 		o.mu.RUnlock()
-		return 0, 0, o.notExist("write")
+		return 0, 0, 0, o.notExist("write")
 	}
 	o.treeMu.Lock()
-	holes = o.tree.CountHoles(b0, b1-b0)
+	holes, runs = o.tree.HoleRuns(b0, b1-b0)
 	o.treeMu.Unlock()
 	size = o.size
 	o.mu.RUnlock()
-	if holes > 0 {
-		// New space may mean new extents in the metadata.
-		if err := e.metaRoom(); err != nil {
-			return 0, 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
-		}
+	// Each hole run may become an extent of its own in the metadata.
+	if err := e.metaRoom(runs); err != nil {
+		return 0, 0, 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
 	}
 	if err := e.reserve(holes); err != nil {
-		return 0, 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
+		e.metaPending.Add(-runs)
+		return 0, 0, 0, fmt.Errorf("write %q at %d: %w", o.name, off, err)
 	}
-	return holes, size, nil
+	return holes, runs, size, nil
+}
+
+// pendingRecords counts the entries of o's map that will each become at
+// least one extent record of a checkpoint but that no logged operation
+// covers yet: Delalloc and Unwritten ones (see metaUsed). o.mu is held.
+func (o *Object) pendingRecords() int64 {
+	d, _ := o.tree.Count(extenttree.Delalloc)
+	u, _ := o.tree.Count(extenttree.Unwritten)
+	return int64(d + u)
+}
+
+// notePending adds the change of o's pending records since before (its
+// pendingRecords then) to the engine's count. o.mu is held.
+func (o *Object) notePending(before int64) {
+	if d := o.pendingRecords() - before; d != 0 {
+		o.e.metaPending.Add(d)
+	}
 }
 
 // unreserveLeft gives back what is left of a write's reservation (*n,
@@ -626,7 +644,9 @@ func (o *Object) recordLocked(b0, b1, end, reserved int64) int64 {
 	if b1 <= b0 {
 		return 0
 	}
+	before := o.pendingRecords()
 	n, err := o.tree.MarkDelalloc(b0, b1-b0)
+	o.notePending(before)
 	if err != nil {
 		o.mu.Unlock()
 		panic(fmt.Sprintf("rawblock: object %q: mark delalloc %d+%d: %v", o.name, b0, b1-b0, err))
@@ -1045,6 +1065,11 @@ func (o *Object) PunchHole(off, length int64) error {
 	defer e.exit()
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
+	// A punch inside an extent splits it in two.
+	if err := e.metaRoom(1); err != nil {
+		return fmt.Errorf("punch %q: %w", o.name, err)
+	}
+	defer e.metaPending.Add(-1)
 	cr := credits{e: e}
 	defer cr.release()
 	if err := cr.grow(2); err != nil {
@@ -1088,7 +1113,9 @@ func (o *Object) PunchHole(off, length int64) error {
 		edges[1] = z
 	}
 	if first < last {
+		before := o.pendingRecords()
 		freed, dropped, err := o.tree.Punch(nil, first, last-first)
+		o.notePending(before)
 		if err != nil {
 			panic(fmt.Sprintf("rawblock: object %q: punch %d+%d: %v", o.name, first, last-first, err))
 		}
@@ -1180,7 +1207,9 @@ func (o *Object) dropZero(z *partialZero) {
 // that no longer maps them is durable.
 func (o *Object) truncateBlocksLocked(nb int64) error {
 	o.ra.dropRange(&o.e.bufPool, nb, math.MaxInt64)
+	before := o.pendingRecords()
 	freed, dropped, err := o.tree.Truncate(nil, nb)
+	o.notePending(before)
 	if err != nil {
 		return fmt.Errorf("truncate %q: %w", o.name, err)
 	}
@@ -1642,6 +1671,7 @@ func (o *Object) finishBatch(b *wbBatch, more bool) error {
 	// Log the mappings in the order they become Written, under the gate
 	// (see commit) and o.mu.
 	var segs []extenttree.Segment
+	pending := o.pendingRecords()
 	for _, r := range b.unwritten {
 		segs = o.tree.Lookup(segs[:0], r.Start, r.Len)
 		if serr := o.tree.SetWritten(r.Start, r.Len); serr != nil {
@@ -1651,6 +1681,8 @@ func (o *Object) finishBatch(b *wbBatch, more bool) error {
 			e.logOp(jop{kind: opMap, id: o.id, logical: sg.Start, physical: sg.Phys, length: sg.Len})
 		}
 	}
+	// Counted as logged now.
+	o.notePending(pending)
 	if b.passSize > o.diskSize {
 		o.diskSize = b.passSize
 		e.logSize(o, true)
@@ -1695,6 +1727,8 @@ func (o *Object) takeWbErr(who uint8) error {
 // allocation per range unless free space is fragmented.
 func (o *Object) allocLocked() error {
 	e := o.e
+	// A range allocated in pieces becomes several entries (see metaLimit).
+	defer o.notePending(o.pendingRecords())
 	// Delalloc blocks always have dirty pages: look for them only under
 	// the dirty runs, not across the whole map (an object of many extents
 	// would pay for all of them on every Sync).

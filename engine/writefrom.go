@@ -64,11 +64,12 @@ func (o *Object) WriteFrom(r io.Reader, off, n int64) (int64, error) {
 
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
-	reserved, oldSize, err := o.reserveWrite(b0, b1, off)
+	reserved, metaRes, oldSize, err := o.reserveWrite(b0, b1, off)
 	if err != nil {
 		return 0, err
 	}
 	defer e.unreserveLeft(&reserved)
+	defer e.metaPending.Add(-metaRes)
 
 	o.mu.Lock()
 	used, err := o.installLocked(&src, off, n, reserved, &cr)
@@ -96,12 +97,13 @@ func (o *Object) checkWrite(off, n int64) error {
 	e := o.e
 	b0, b1 := off>>e.shift, (off+n-1)>>e.shift+1
 	o.wmu.Lock()
-	holes, _, err := o.reserveWrite(b0, b1, off)
+	holes, runs, _, err := o.reserveWrite(b0, b1, off)
 	o.wmu.Unlock()
 	if err != nil {
 		return err
 	}
 	e.unreserveLeft(&holes)
+	e.metaPending.Add(-runs)
 	return nil
 }
 

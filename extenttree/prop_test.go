@@ -267,6 +267,9 @@ func TestPropertyAgainstModel(t *testing.T) {
 				if c := p.tr.CountHoles(s, l); c != countHoles(p.m, s, s+l) {
 					t.Fatalf("CountHoles(%d, %d) = %d, want %d", s, l, c, countHoles(p.m, s, s+l))
 				}
+				if b, r := p.tr.HoleRuns(s, l); b != countHoles(p.m, s, s+l) || r != countHoleRuns(p.m, s, s+l) {
+					t.Fatalf("HoleRuns(%d, %d) = %d, %d; want %d, %d", s, l, b, r, countHoles(p.m, s, s+l), countHoleRuns(p.m, s, s+l))
+				}
 				var want int64
 				for b := s; b < s+l; b++ {
 					if st, _ := p.m.at(b); st == Hole {
@@ -462,6 +465,20 @@ func countHoles(m *model, s, e int64) int64 {
 		if st, _ := m.at(b); st == Hole {
 			c++
 		}
+	}
+	return c
+}
+
+// countHoleRuns counts the maximal runs of holes in [s, e).
+func countHoleRuns(m *model, s, e int64) int64 {
+	var c int64
+	prevHole := false
+	for b := s; b < e; b++ {
+		st, _ := m.at(b)
+		if st == Hole && !prevHole {
+			c++
+		}
+		prevHole = st == Hole
 	}
 	return c
 }

@@ -531,18 +531,38 @@ func (t *Tree) LookupShared(dst []Segment, start, n int64) []Segment {
 // CountHoles returns how many blocks of [start, start+n) are holes: what a
 // write of that range must reserve before it copies. An invalid range panics.
 func (t *Tree) CountHoles(start, n int64) int64 {
-	mustRange("CountHoles", start, n)
+	holes, _ := t.HoleRuns(start, n)
+	return holes
+}
+
+// HoleRuns returns how many blocks of [start, start+n) are holes and in
+// how many separate runs they lie: a write of the range makes at most that
+// many new Delalloc entries. An invalid range panics.
+func (t *Tree) HoleRuns(start, n int64) (blocks, runs int64) {
+	mustRange("HoleRuns", start, n)
 	if n == 0 {
-		return 0
+		return 0, 0
 	}
 	e := start + n
-	holes := n
+	pos := start
 	for _, x := range t.collect(start, e) {
-		if x.end() > start && x.start < e {
-			holes -= min(x.end(), e) - max(x.start, start)
+		if x.end() <= start {
+			continue
 		}
+		if x.start >= e {
+			break
+		}
+		if x.start > pos {
+			blocks += x.start - pos
+			runs++
+		}
+		pos = x.end()
 	}
-	return holes
+	if pos < e {
+		blocks += e - pos
+		runs++
+	}
+	return blocks, runs
 }
 
 // MarkDelalloc marks every hole block of [start, start+n) Delalloc and

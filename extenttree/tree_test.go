@@ -194,6 +194,7 @@ func TestInvalidRangePanicsInQueries(t *testing.T) {
 	for name, fn := range map[string]func(){
 		"Lookup":         func() { tr.Lookup(nil, -1, 1) },
 		"CountHoles":     func() { tr.CountHoles(MaxBlock, 2) },
+		"HoleRuns":       func() { tr.HoleRuns(MaxBlock, 2) },
 		"DelallocRanges": func() { tr.DelallocRanges(nil, BlockLimit+1, -1) },
 	} {
 		func() {
