@@ -1075,9 +1075,13 @@ func (e *Engine) metaRoom(extents int64) error {
 	if e.metaUsed() <= limit {
 		return nil
 	}
-	if err := e.commit(true); err != nil && !errors.Is(err, errCkptFull) {
-		e.metaPending.Add(-extents)
-		return err
+	// With nothing logged since the newest checkpoint, another one would
+	// measure the same: at the limit, refusals cost no I/O.
+	if e.logged.Load() > 0 {
+		if err := e.commit(true); err != nil && !errors.Is(err, errCkptFull) {
+			e.metaPending.Add(-extents)
+			return err
+		}
 	}
 	if used := e.metaUsed(); used > limit {
 		e.metaPending.Add(-extents)
