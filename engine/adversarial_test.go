@@ -86,18 +86,6 @@ func advRand(rng *rand.Rand, n int) []byte {
 	return p
 }
 
-func advFirstDiff(a, b []byte) string {
-	if len(a) != len(b) {
-		return fmt.Sprintf("length %d, want %d", len(a), len(b))
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return fmt.Sprintf("byte %d = %#x, want %#x", i, a[i], b[i])
-		}
-	}
-	return ""
-}
-
 // ---------------------------------------------------------------------------
 // Metadata region: acknowledged writes must never make a later Sync fail
 // because the metadata does not fit (the write must refuse up front).
@@ -321,7 +309,7 @@ func TestAdvCrashRemoveThenReuse(t *testing.T) {
 				}
 				if ao, err := e.Object("a"); err == nil {
 					got := advReadAll(t, ao)
-					if d := advFirstDiff(got, advFill(0xAA, asz)); d != "" {
+					if d := firstDiff(got, advFill(0xAA, asz)); d != "" {
 						t.Fatalf("cut %d seed %d: a came back altered: %s", cut, seed, d)
 					}
 				}
@@ -343,7 +331,7 @@ func TestAdvCrashRemoveThenReuse(t *testing.T) {
 					}
 				}
 				if syncErr == nil {
-					if d := advFirstDiff(got, want); d != "" {
+					if d := firstDiff(got, want); d != "" {
 						t.Fatalf("cut %d seed %d: b after successful Sync: %s", cut, seed, d)
 					}
 				}
@@ -461,7 +449,7 @@ func TestAdvCrashMetadataChurn(t *testing.T) {
 			if err != nil {
 				t.Fatalf("seed %d: synced object %q lost: %v", seed, n, err)
 			}
-			if d := advFirstDiff(advReadAll(t, o), want); d != "" {
+			if d := firstDiff(advReadAll(t, o), want); d != "" {
 				t.Fatalf("seed %d: synced object %q: %s", seed, n, d)
 			}
 		}
@@ -495,7 +483,7 @@ func advCheckObj(t *testing.T, o *engine.Object, want []byte, what string) {
 	if err != io.EOF {
 		t.Fatalf("%s: ReadAt past the end returned err %v, want io.EOF", what, err)
 	}
-	if d := advFirstDiff(got[:n], want); d != "" {
+	if d := firstDiff(got[:n], want); d != "" {
 		t.Fatalf("%s: %s", what, d)
 	}
 }
@@ -587,7 +575,7 @@ func advModelRun(t *testing.T, sector, block int, seed uint64) {
 			if got == n && err != nil && !(err == io.EOF && int(off)+n == len(cur)) {
 				t.Fatalf("%s: full ReadAt = %d, %v", what, got, err)
 			}
-			if d := advFirstDiff(buf[:got], want); d != "" {
+			if d := firstDiff(buf[:got], want); d != "" {
 				t.Fatalf("%s: ReadAt(%d at %d): %s", what, n, off, d)
 			}
 		case k < 7:
@@ -868,7 +856,7 @@ func TestAdvReadEIONotCached(t *testing.T) {
 		n, err := o.ReadAt(buf, rd.off)
 		if err == nil {
 			// Served from cache or a readahead made earlier: must be right.
-			if d := advFirstDiff(buf[:n], want[rd.off:rd.off+rd.n]); d != "" || n != len(buf) {
+			if d := firstDiff(buf[:n], want[rd.off:rd.off+rd.n]); d != "" || n != len(buf) {
 				t.Fatalf("read %d under EIO returned %d, nil and wrong data: %s", i, n, d)
 			}
 		} else if !errors.Is(err, syscall.EIO) {
@@ -879,7 +867,7 @@ func TestAdvReadEIONotCached(t *testing.T) {
 		if n != len(buf) || err != nil {
 			t.Fatalf("read %d after heal: %d, %v", i, n, err)
 		}
-		if d := advFirstDiff(buf, want[rd.off:rd.off+rd.n]); d != "" {
+		if d := firstDiff(buf, want[rd.off:rd.off+rd.n]); d != "" {
 			t.Fatalf("read %d after heal: %s (a failed read left bad data cached)", i, d)
 		}
 	}
@@ -899,7 +887,7 @@ func TestAdvReadEIONotCached(t *testing.T) {
 	if _, err := o.ReadAt(buf, x); err != nil {
 		t.Fatal(err)
 	}
-	if d := advFirstDiff(buf, want[x:x+2*bs]); d != "" {
+	if d := firstDiff(buf, want[x:x+2*bs]); d != "" {
 		t.Fatalf("after a failed read-modify-write: %s", d)
 	}
 	if err := e.Sync(); err != nil {
@@ -1064,7 +1052,7 @@ func TestAdvConcurrentMixed(t *testing.T) {
 						errc <- fmt.Errorf("owner %d read %d at %d: %d, %v (want %d)", g, len(buf), off, n, err, len(want))
 						return
 					}
-					if d := advFirstDiff(buf[:n], want); d != "" {
+					if d := firstDiff(buf[:n], want); d != "" {
 						errc <- fmt.Errorf("owner %d read %d at %d: %s", g, len(buf), off, d)
 						return
 					}
@@ -1535,10 +1523,10 @@ func TestAdvSyncMetadataOps(t *testing.T) {
 				_, e = advReboot(t, d, uint64(cut), true)
 				got := advReadAll(t, advObj(t, e, "o"))
 				if syncErr == nil {
-					if dd := advFirstDiff(got, after); dd != "" {
+					if dd := firstDiff(got, after); dd != "" {
 						t.Fatalf("cut %d: after a successful Sync: %s", cut, dd)
 					}
-				} else if advFirstDiff(got, after) != "" && advFirstDiff(got, before) != "" {
+				} else if firstDiff(got, after) != "" && firstDiff(got, before) != "" {
 					// An unacknowledged operation may persist in part (a
 					// punch's zeroed edge without its unmap, a truncate's
 					// zeroed tail block without its size: the kernel file

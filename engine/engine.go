@@ -477,6 +477,11 @@ func open(dev Device, opts Options) (*Engine, error) {
 		DirtyLimit: opts.DirtyLimit,
 		Kick:       e.kickWriteback,
 	})
+	if errors.Is(err, cache.ErrBadOptions) {
+		// Options the cache cannot work with (too small for this block
+		// size, a dirty limit under one block) are bad Options.
+		return nil, fmt.Errorf("%w: open: page cache: %w", errInvalid, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open: page cache: %w", err)
 	}

@@ -1314,13 +1314,21 @@ func (o *Object) Extents() []Extent {
 // negative offset or length, or a range past MaxObjectSize, is
 // fs.ErrInvalid.
 func (o *Object) ExtentsIn(off, length int64) ([]Extent, error) {
+	var argErr error
 	if off < 0 || length < 0 || off > MaxObjectSize || length > MaxObjectSize-off {
-		return nil, fmt.Errorf("extents of %q in [%d, +%d): want 0 <= offset, 0 <= length, offset+length <= %d: %w",
+		argErr = fmt.Errorf("extents of %q in [%d, +%d): want 0 <= offset, 0 <= length, offset+length <= %d: %w",
 			o.Name(), off, length, MaxObjectSize, fs.ErrInvalid)
 	}
+	if err := o.e.enterRead(argErr); err != nil {
+		return nil, err
+	}
+	defer o.e.exit()
 	o.mu.RLock()
 	defer o.mu.RUnlock()
-	if o.removed || length == 0 {
+	if o.removed {
+		return nil, o.notExist("extents")
+	}
+	if length == 0 {
 		return nil, nil
 	}
 	bs := int64(o.e.bs)

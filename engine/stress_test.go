@@ -166,7 +166,8 @@ func modelPunch(m []byte, off, n int64) {
 	}
 }
 
-// firstDiff describes where got and want differ.
+// firstDiff describes where got and want differ, or returns "" if they
+// are equal.
 func firstDiff(got, want []byte) string {
 	if len(got) != len(want) {
 		return fmt.Sprintf("length %d, want %d", len(got), len(want))
@@ -180,7 +181,7 @@ func firstDiff(got, want []byte) string {
 			return fmt.Sprintf("first difference at byte %d (%d bytes differ from there): got %#x, want %#x", i, j-i, got[i], want[i])
 		}
 	}
-	return "equal"
+	return ""
 }
 
 // checkRead reads [off, off+n) of o and compares it with model m, under

@@ -732,8 +732,10 @@ func (c *conn) replyBlockStatus(rw *replyWriter, ex *export, r *request) {
 	// window asked for, not the export's whole map.
 	xs, err := ex.obj.ExtentsIn(int64(start), int64(end-start))
 	if err != nil {
-		// check() validated the range against the export's size.
-		panic(fmt.Sprintf("rawblockd: block status [%d, %d): %v", start, end, err))
+		// check() validated the range against the export's size, so this
+		// is the engine closing (shutdown) or the object going away.
+		c.replyError(rw, r, errnoOf(err), fmt.Sprintf("block status [%d, %d): %v", start, end, err), false)
+		return
 	}
 	for _, x := range xs {
 		xs, xe := uint64(x.Offset), uint64(x.Offset+x.Length)
