@@ -66,7 +66,7 @@ type Op struct {
 	Bufs [][]byte
 	Off  int64
 	N    int   // out: bytes transferred
-	Err  error // out: nil, or why the request failed or was short
+	Err  error // out: nil, or why the request failed or was short (io.EOF: a read reached the end of the file)
 }
 
 // File performs concurrent I/O on one file descriptor, normally opened with
@@ -263,10 +263,12 @@ func (f *File) exit() {
 	}
 }
 
-// ReadAt reads len(p) bytes at off. Safe for concurrent use. The caller
-// guarantees the alignment O_DIRECT needs (File does not check it; the
-// kernel answers EINVAL). Anything short of len(p) is an error (wrapping
-// io.ErrUnexpectedEOF when the file ended), returned with the count read.
+// ReadAt reads len(p) bytes at off, as io.ReaderAt does. Safe for
+// concurrent use. The caller guarantees the alignment O_DIRECT needs (File
+// does not check it; the kernel answers EINVAL). Anything short of len(p)
+// is an error returned with the count read: io.EOF itself, unwrapped, when
+// the file ended, so io.SectionReader and io.ReadAll see the end they
+// expect.
 func (f *File) ReadAt(p []byte, off int64) (int, error) {
 	return f.rw(false, p, off)
 }
@@ -320,7 +322,8 @@ func (f *File) finish(write bool, p []byte, off int64, done int) (int, error) {
 // MaxIovecs buffers, so non-contiguous memory is filled from a contiguous
 // range of the file without a bounce copy. Same rules as ReadAt: safe for
 // concurrent use, the caller guarantees each buffer's alignment, and
-// anything short is an error returned with the count read. The io_uring
+// anything short is an error returned with the count read (io.EOF when the
+// file ended). The io_uring
 // path allocates nothing per call in steady state; fixed buffers (a
 // registered arena) are not used for vectored requests.
 func (f *File) ReadvAt(bufs [][]byte, off int64) (int, error) {
@@ -386,12 +389,14 @@ func (f *File) finishv(write bool, bufs [][]byte, total int, off int64, done int
 	return done, nil
 }
 
+// shortErr is the error of a transfer the kernel ended early without an
+// error: for a read, the file ended — io.EOF itself, as io.ReaderAt
+// reports it; for a write, io.ErrShortWrite with the counts.
 func shortErr(write bool, n, want int, off int64) error {
-	sentinel := io.ErrUnexpectedEOF
-	if write {
-		sentinel = io.ErrShortWrite
+	if !write {
+		return io.EOF
 	}
-	return fmt.Errorf("iouring: short %s: %d of %d bytes at offset %d: %w", opName(write), n, want, off, sentinel)
+	return fmt.Errorf("iouring: short write: %d of %d bytes at offset %d: %w", n, want, off, io.ErrShortWrite)
 }
 
 // Sync makes every write that completed before the call durable

@@ -549,11 +549,18 @@ func TestFileShortTransfer(t *testing.T) {
 			f := newTestFile(t, int(osf.Fd()), FileOptions{Mode: mode})
 			buf := make([]byte, 4096)
 			n, err := f.ReadAt(buf, 0)
-			if n != 1000 || !errors.Is(err, io.ErrUnexpectedEOF) {
-				t.Fatalf("ReadAt past the end = %d, %v; want 1000, ErrUnexpectedEOF", n, err)
+			if n != 1000 || err != io.EOF {
+				t.Fatalf("ReadAt past the end = %d, %v; want 1000, io.EOF", n, err)
+			}
+			// io.ReaderAt's helpers see the end as an end.
+			if all, err := io.ReadAll(io.NewSectionReader(f, 0, 1<<20)); err != nil || len(all) != 1000 {
+				t.Fatalf("io.ReadAll of a SectionReader = %d bytes, %v; want 1000, nil", len(all), err)
+			}
+			if n, err := f.ReadAt(buf, 4096); n != 0 || err != io.EOF {
+				t.Fatalf("ReadAt after the end = %d, %v; want 0, io.EOF", n, err)
 			}
 			ops := []Op{{Buf: buf, Off: 0}}
-			if err := f.Do(ops); !errors.Is(err, io.ErrUnexpectedEOF) || ops[0].N != 1000 {
+			if err := f.Do(ops); !errors.Is(err, io.EOF) || ops[0].N != 1000 {
 				t.Fatalf("Do past the end: N %d, %v", ops[0].N, err)
 			}
 			if n, err := f.ReadAt(buf[:0], 0); n != 0 || err != nil {

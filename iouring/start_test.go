@@ -127,8 +127,8 @@ func TestFileStartShort(t *testing.T) {
 	if err := f.Start(&Op{Buf: make([]byte, 4096)}, func(op *Op) { done <- op }); err != nil {
 		t.Fatal(err)
 	}
-	if op := <-done; op.N != 1000 || !errors.Is(op.Err, io.ErrUnexpectedEOF) {
-		t.Fatalf("Start past the end: N %d, %v; want 1000, ErrUnexpectedEOF", op.N, op.Err)
+	if op := <-done; op.N != 1000 || op.Err != io.EOF {
+		t.Fatalf("Start past the end: N %d, %v; want 1000, io.EOF", op.N, op.Err)
 	}
 }
 

@@ -200,14 +200,14 @@ func TestFileVectoredErrors(t *testing.T) {
 			g := newTestFile(t, int(sf.Fd()), FileOptions{Mode: mode})
 			bufs := [][]byte{make([]byte, 600), make([]byte, 600), make([]byte, 600)}
 			n, err := g.ReadvAt(bufs, 0)
-			if n != 1000 || !errors.Is(err, io.ErrUnexpectedEOF) {
-				t.Fatalf("ReadvAt past the end = %d, %v; want 1000, ErrUnexpectedEOF", n, err)
+			if n != 1000 || err != io.EOF {
+				t.Fatalf("ReadvAt past the end = %d, %v; want 1000, io.EOF", n, err)
 			}
 			if !bytes.Equal(bufs[1][:400], bytes.Repeat([]byte{7}, 400)) {
 				t.Fatal("short ReadvAt: second buffer not filled")
 			}
 			ops := []Op{{Bufs: bufs}}
-			if err := g.Do(ops); !errors.Is(err, io.ErrUnexpectedEOF) || ops[0].N != 1000 {
+			if err := g.Do(ops); !errors.Is(err, io.EOF) || ops[0].N != 1000 {
 				t.Fatalf("Do vectored past the end: N %d, %v", ops[0].N, err)
 			}
 		})
