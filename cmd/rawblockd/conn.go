@@ -73,6 +73,14 @@ var zeros = make([]byte, chunkBytesIO)
 // errNoDisc: the client closed the connection without NBD_CMD_DISC.
 var errNoDisc = errors.New("client closed the connection without NBD_CMD_DISC")
 
+// errStopping ends the reader's loop when the server shuts down in the
+// middle of a request (waiting for its budget, or for a write's payload).
+// The request is dropped unanswered — never acknowledged, so nothing is
+// lost — and nothing after it may be parsed: its payload, or part of it,
+// is still in the read buffer, and read as request headers it could run
+// as requests no client sent.
+var errStopping = errors.New("server stopping in the middle of a request")
+
 // replyWriter serializes replies on one connection.
 type replyWriter struct {
 	c       *conn
@@ -218,6 +226,9 @@ func (c *conn) transmit(ex *export) (inline, dispatched int64, err error) {
 		jobs:       make(chan job, c.s.cfg.ConnRequests),
 	}
 	err = se.serve()
+	if errors.Is(err, errStopping) {
+		err = nil // a shutdown, as documented above
+	}
 	close(se.jobs)
 	se.wg.Wait()
 	se.rw.flush()
@@ -305,7 +316,7 @@ func (se *session) serveInline(r request) error {
 	if r.typ == cmdWrite {
 		if err := se.readPayload(*buf); err != nil {
 			if se.c.isStopping() {
-				return nil
+				return errStopping
 			}
 			return fmt.Errorf("client disconnected in the payload of a %d-byte write: %w", r.length, err)
 		}
@@ -330,7 +341,7 @@ func (se *session) serveWriteFrom(r request) error {
 	switch {
 	case p.err != nil && p.n < int64(r.length):
 		if c.isStopping() {
-			return nil
+			return errStopping
 		}
 		return fmt.Errorf("client disconnected in the payload of a %d-byte write: %w", r.length, p.err)
 	case p.n < int64(r.length):
@@ -366,10 +377,11 @@ func (se *session) dispatch(r request) error {
 	gheld, ok := s.budget.acquire(need, s.stop)
 	if !ok {
 		// Shutting down: this request is not served (it was never
-		// acknowledged, so nothing is lost).
+		// acknowledged, so nothing is lost), and the reader stops here
+		// (see errStopping).
 		se.connBudget.release(held)
 		<-se.slots
-		return nil
+		return errStopping
 	}
 	var buf *[]byte
 	if need > 0 {
@@ -382,7 +394,7 @@ func (se *session) dispatch(r request) error {
 			se.connBudget.release(held)
 			<-se.slots
 			if c.isStopping() {
-				return nil
+				return errStopping
 			}
 			return fmt.Errorf("client disconnected in the payload of a %d-byte write: %w", r.length, err)
 		}
