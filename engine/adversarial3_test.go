@@ -360,6 +360,9 @@ func a3Workload(t *testing.T, e *engine.Engine, cfg a3Config, models []*a3Name, 
 				m.mu.Unlock()
 				if ex {
 					o, err := e.Object(m.name)
+					if errors.Is(err, engine.ErrClosed) {
+						return // the round's Close came before this worker started
+					}
 					if err != nil {
 						t.Errorf("%s: Object: %v", m.name, err)
 						halt()
