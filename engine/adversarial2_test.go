@@ -30,45 +30,29 @@ import (
 
 const a2MiB = 1 << 20
 
-func a2Must(t testing.TB, err error, what string) {
+func a2Format(t *testing.T, dev engine.Device, fo engine.FormatOptions) {
 	t.Helper()
-	if err != nil {
-		t.Fatalf("%s: %v", what, err)
-	}
+	bbMust(t, engine.Format(dev, fo), "Format")
 }
 
-func a2Format(t testing.TB, dev engine.Device, fo engine.FormatOptions) {
-	t.Helper()
-	a2Must(t, engine.Format(dev, fo), "Format")
-}
-
-func a2Open(t testing.TB, dev engine.Device, opts engine.Options) *engine.Engine {
+func a2Open(t *testing.T, dev engine.Device, opts engine.Options) *engine.Engine {
 	t.Helper()
 	e, err := engine.Open(dev, opts)
-	a2Must(t, err, "Open")
+	bbMust(t, err, "Open")
 	return e
 }
 
-func a2MemEngine(t testing.TB, size int64, opts engine.Options) (engine.Device, *engine.Engine) {
+func a2MemEngine(t *testing.T, size int64, opts engine.Options) (engine.Device, *engine.Engine) {
 	t.Helper()
 	dev := engine.NewMemDevice(size, 512)
-	a2Format(t, dev, engine.FormatOptions{})
-	return dev, a2Open(t, dev, opts)
+	return dev, formatOpen(t, dev, opts)
 }
 
-func a2Create(t testing.TB, e *engine.Engine, name string) *engine.Object {
+func a2Create(t *testing.T, e *engine.Engine, name string) *engine.Object {
 	t.Helper()
 	o, err := e.Create(name)
-	a2Must(t, err, "Create "+name)
+	bbMust(t, err, "Create "+name)
 	return o
-}
-
-func a2Write(t testing.TB, o *engine.Object, p []byte, off int64) {
-	t.Helper()
-	n, err := o.WriteAt(p, off)
-	if n != len(p) || err != nil {
-		t.Fatalf("WriteAt(%q, %d bytes at %d) = %d, %v", o.Name(), len(p), off, n, err)
-	}
 }
 
 // a2Pattern returns n pseudo-random bytes for seed, none of them zero
@@ -89,23 +73,12 @@ func a2Pattern(seed uint64, n int) []byte {
 	return p
 }
 
-func a2ReadAll(t testing.TB, o *engine.Object) []byte {
-	t.Helper()
-	size := o.Size()
-	buf := make([]byte, size)
-	n, err := o.ReadAt(buf, 0)
-	if int64(n) != size || (err != nil && err != io.EOF) {
-		t.Fatalf("ReadAt(all %d of %q) = %d, %v", size, o.Name(), n, err)
-	}
-	return buf
-}
-
-func a2Check(t testing.TB, o *engine.Object, want []byte, what string) {
+func a2Check(t *testing.T, o *engine.Object, want []byte, what string) {
 	t.Helper()
 	if o.Size() != int64(len(want)) {
 		t.Fatalf("%s: Size = %d, want %d", what, o.Size(), len(want))
 	}
-	if d := firstDiff(a2ReadAll(t, o), want); d != "" {
+	if d := firstDiff(bbReadAll(t, o), want); d != "" {
 		t.Fatalf("%s: %s", what, d)
 	}
 }
@@ -116,7 +89,7 @@ func a2Avail(s engine.Stats) int64 { return s.FreeBytes - s.ReservedBytes }
 // a2CheckExtents checks the public map's invariants: sorted, not
 // overlapping, positive lengths, block-aligned, inside the size rounded up
 // to a block, Delalloc with Physical -1 and the others on the device.
-func a2CheckExtents(t testing.TB, o *engine.Object, bs int64, devSize int64, what string) []engine.Extent {
+func a2CheckExtents(t *testing.T, o *engine.Object, bs int64, devSize int64, what string) []engine.Extent {
 	t.Helper()
 	xs := o.Extents()
 	size := o.Size()
@@ -198,7 +171,7 @@ func TestAdv2StatsExactFillOneObject(t *testing.T) {
 			clear(want[:tc.start])
 			for off := tc.start; off < avail; {
 				n := min(int64(tc.chunk), avail-off)
-				a2Write(t, o, want[off:off+n], off)
+				bbWrite(t, o, want[off:off+n], off)
 				off += n
 				if s := e.Stats(); s.TotalBytes != total {
 					t.Fatalf("TotalBytes changed %d -> %d", total, s.TotalBytes)
@@ -225,32 +198,32 @@ func TestAdv2StatsExactFillOneObject(t *testing.T) {
 				t.Fatalf("size after refused write = %d", o2.Size())
 			}
 			// Overwrites of the object's own blocks need no space.
-			a2Write(t, o, []byte("overwrite"), 5000)
+			bbWrite(t, o, []byte("overwrite"), 5000)
 			copy(want[5000:], "overwrite")
-			a2Must(t, e.Sync(), "Sync of a device filled exactly")
+			bbMust(t, e.Sync(), "Sync of a device filled exactly")
 			s2 := e.Stats()
 			if s2.ReservedBytes != 0 || s2.FreeBytes != 0 || s2.TotalBytes != total {
 				t.Errorf("after Sync: %+v; want ReservedBytes 0, FreeBytes 0, TotalBytes %d", s2, total)
 			}
 			// Overwriting written blocks on a full device works too, and
 			// so does a write that ends exactly at the last block.
-			a2Write(t, o, []byte("again"), avail-5)
+			bbWrite(t, o, []byte("again"), avail-5)
 			copy(want[avail-5:], "again")
 			if n, err := o.WriteAt([]byte("xy"), avail-1); n != 0 || !errors.Is(err, engine.ErrNoSpace) {
 				t.Fatalf("write crossing into a new block on a full device = %d, %v", n, err)
 			}
 			a2Check(t, o, want, "full object")
-			a2Must(t, e.Sync(), "Sync")
+			bbMust(t, e.Sync(), "Sync")
 			a2Check(t, o, want, "full object after Sync")
-			a2Must(t, e.Remove("big"), "Remove")
-			a2Must(t, e.Sync(), "Sync after Remove")
+			bbMust(t, e.Remove("big"), "Remove")
+			bbMust(t, e.Sync(), "Sync after Remove")
 			s3 := e.Stats()
 			if s3.FreeBytes != s0.FreeBytes || s3.ReservedBytes != 0 || s3.TotalBytes != total {
 				t.Errorf("after Remove+Sync: %+v; want FreeBytes %d back", s3, s0.FreeBytes)
 			}
 			// And the space really is usable again.
-			a2Write(t, o2, want[:avail], 0)
-			a2Must(t, e.Sync(), "Sync of the refill")
+			bbWrite(t, o2, want[:avail], 0)
+			bbMust(t, e.Sync(), "Sync of the refill")
 			if s := e.Stats(); s.FreeBytes != 0 || s.ReservedBytes != 0 {
 				t.Errorf("after refill: %+v", s)
 			}
@@ -298,7 +271,7 @@ func TestAdv2StatsExactFillManyObjects(t *testing.T) {
 			}
 			busy = true
 			n := min(int64(50_000+rng.IntN(100_000)), sizes[i]-offs[i])
-			a2Write(t, o, want[i][offs[i]:offs[i]+n], offs[i])
+			bbWrite(t, o, want[i][offs[i]:offs[i]+n], offs[i])
 			offs[i] += n
 		}
 	}
@@ -316,14 +289,14 @@ func TestAdv2StatsExactFillManyObjects(t *testing.T) {
 	for i, o := range objs {
 		end := (sizes[i] + bs - 1) / bs * bs
 		tail := a2Pattern(uint64(100+i), int(end-sizes[i]))
-		a2Write(t, o, tail, sizes[i])
+		bbWrite(t, o, tail, sizes[i])
 		want[i] = append(want[i], tail...)
 		// One byte more needs a block.
 		if n, err := o.WriteAt([]byte{1}, end); n != 0 || !errors.Is(err, engine.ErrNoSpace) {
 			t.Fatalf("object %d: WriteAt at %d on a full device = %d, %v", i, end, n, err)
 		}
 	}
-	a2Must(t, e.Sync(), "Sync")
+	bbMust(t, e.Sync(), "Sync")
 	if s := e.Stats(); s.ReservedBytes != 0 || s.FreeBytes != 0 {
 		t.Errorf("after Sync: %+v", s)
 	}
@@ -331,9 +304,9 @@ func TestAdv2StatsExactFillManyObjects(t *testing.T) {
 		a2Check(t, o, want[i], fmt.Sprintf("object %d", i))
 	}
 	for i := range objs {
-		a2Must(t, e.Remove(fmt.Sprintf("o%d", i)), "Remove")
+		bbMust(t, e.Remove(fmt.Sprintf("o%d", i)), "Remove")
 	}
-	a2Must(t, e.Sync(), "Sync after Remove")
+	bbMust(t, e.Sync(), "Sync after Remove")
 	if s := e.Stats(); s.FreeBytes != s0.FreeBytes || s.ReservedBytes != 0 || s.TotalBytes != s0.TotalBytes {
 		t.Errorf("after removing everything: %+v, want FreeBytes %d", s, s0.FreeBytes)
 	}
@@ -414,7 +387,7 @@ func TestAdv2StatsBoundsAndMonotone(t *testing.T) {
 		for i := 0; i < 40; i++ {
 			o := objs[rng.IntN(len(objs))]
 			off := int64(rng.IntN(6 * a2MiB))
-			a2Write(t, o, a2Pattern(uint64(round*100+i), 1+rng.IntN(300_000)), off)
+			bbWrite(t, o, a2Pattern(uint64(round*100+i), 1+rng.IntN(300_000)), off)
 		}
 		check(fmt.Sprintf("round %d after writes", round))
 		for _, o := range objs {
@@ -424,8 +397,8 @@ func TestAdv2StatsBoundsAndMonotone(t *testing.T) {
 			}
 		}
 		check(fmt.Sprintf("round %d after reads", round))
-		a2Must(t, objs[round%3].PunchHole(int64(rng.IntN(4*a2MiB)), int64(rng.IntN(a2MiB))), "PunchHole")
-		a2Must(t, e.Sync(), "Sync")
+		bbMust(t, objs[round%3].PunchHole(int64(rng.IntN(4*a2MiB)), int64(rng.IntN(a2MiB))), "PunchHole")
+		bbMust(t, e.Sync(), "Sync")
 		s := e.Stats()
 		if s.ReservedBytes != 0 || s.DirtyBytes != 0 {
 			t.Errorf("round %d after Sync: ReservedBytes %d DirtyBytes %d", round, s.ReservedBytes, s.DirtyBytes)
@@ -451,7 +424,7 @@ func a2OK(err error) bool {
 
 // a2AllClosed runs every public call against a closed engine and its old
 // handle and wants ErrClosed from each that returns an error.
-func a2AllClosed(t testing.TB, e *engine.Engine, o *engine.Object, what string) {
+func a2AllClosed(t *testing.T, e *engine.Engine, o *engine.Object, what string) {
 	t.Helper()
 	bad := func(op string, err error) {
 		if !errors.Is(err, engine.ErrClosed) {
@@ -498,7 +471,7 @@ func TestAdv2CloseRacesEverything(t *testing.T) {
 	for iter := 0; iter < 4; iter++ {
 		dev, e := a2MemEngine(t, 64*a2MiB, engine.Options{CacheSize: 2 * a2MiB})
 		shared := a2Create(t, e, "shared")
-		a2Write(t, shared, a2Pattern(1, 300_000), 0)
+		bbWrite(t, shared, a2Pattern(1, 300_000), 0)
 		var closed atomic.Bool
 		var wg sync.WaitGroup
 		errc := make(chan string, 64)
@@ -595,7 +568,7 @@ func TestAdv2CloseRacesEverything(t *testing.T) {
 			t.Fatalf("Check after the racing Close: %v %v", err, r.Problems)
 		}
 		e2 := a2Open(t, dev, engine.Options{CacheSize: 2 * a2MiB})
-		a2Must(t, e2.Close(), "Close of the reopened engine")
+		bbMust(t, e2.Close(), "Close of the reopened engine")
 		if t.Failed() {
 			return
 		}
@@ -608,8 +581,8 @@ func TestAdv2HandlesAcrossReopen(t *testing.T) {
 	dev, e := a2MemEngine(t, 32*a2MiB, engine.Options{CacheSize: 2 * a2MiB})
 	o := a2Create(t, e, "obj")
 	data := a2Pattern(2, 10_000)
-	a2Write(t, o, data, 0)
-	a2Must(t, e.Close(), "Close")
+	bbWrite(t, o, data, 0)
+	bbMust(t, e.Close(), "Close")
 	if err := e.Close(); !errors.Is(err, engine.ErrClosed) {
 		t.Errorf("second Close = %v, want ErrClosed", err)
 	}
@@ -617,7 +590,7 @@ func TestAdv2HandlesAcrossReopen(t *testing.T) {
 	defer e2.Close()
 	a2AllClosed(t, e, o, "old handle after reopen")
 	o2, err := e2.Object("obj")
-	a2Must(t, err, "Object in the new engine")
+	bbMust(t, err, "Object in the new engine")
 	a2Check(t, o2, data, "new engine unaffected by the old handle")
 	if names := e2.Objects(); !slices.Equal(names, []string{"obj"}) {
 		t.Errorf("Objects = %q", names)
@@ -631,14 +604,14 @@ func TestAdv2ExtentsInClosedAndRemoved(t *testing.T) {
 	dev, e := a2MemEngine(t, 32*a2MiB, engine.Options{CacheSize: 2 * a2MiB})
 	_ = dev
 	o := a2Create(t, e, "obj")
-	a2Write(t, o, a2Pattern(2, 10_000), 0)
+	bbWrite(t, o, a2Pattern(2, 10_000), 0)
 	r := a2Create(t, e, "removed")
-	a2Write(t, r, a2Pattern(3, 10_000), 0)
-	a2Must(t, e.Remove("removed"), "Remove")
+	bbWrite(t, r, a2Pattern(3, 10_000), 0)
+	bbMust(t, e.Remove("removed"), "Remove")
 	if _, err := r.ExtentsIn(0, 4096); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("ExtentsIn on a removed object's handle = %v, want fs.ErrNotExist", err)
 	}
-	a2Must(t, e.Close(), "Close")
+	bbMust(t, e.Close(), "Close")
 	if xs, err := o.ExtentsIn(0, 4096); !errors.Is(err, engine.ErrClosed) {
 		t.Errorf("ExtentsIn on a closed engine's handle = %v, %v; want ErrClosed", xs, err)
 	}
@@ -654,13 +627,13 @@ func TestAdv2RemoveWhileInUse(t *testing.T) {
 		func() {
 			_, e := a2MemEngine(t, 48*a2MiB, engine.Options{CacheSize: 2 * a2MiB})
 			defer e.Close()
-			a2Must(t, e.Sync(), "Sync")
+			bbMust(t, e.Sync(), "Sync")
 			base := e.Stats()
 			o := a2Create(t, e, "victim")
 			old := bytes.Repeat([]byte{0xEE}, 3*a2MiB)
-			a2Write(t, o, old, 0)
+			bbWrite(t, o, old, 0)
 			if iter%2 == 0 {
-				a2Must(t, o.Sync(), "Sync")
+				bbMust(t, o.Sync(), "Sync")
 			}
 			var removed atomic.Bool
 			var wg sync.WaitGroup
@@ -713,7 +686,7 @@ func TestAdv2RemoveWhileInUse(t *testing.T) {
 			}
 			time.Sleep(time.Duration(1+iter*3) * time.Millisecond)
 			a2Timeout(t, 10*time.Second, "Remove racing with users", func() {
-				a2Must(t, e.Remove("victim"), "Remove")
+				bbMust(t, e.Remove("victim"), "Remove")
 			})
 			removed.Store(true)
 			a2Timeout(t, 10*time.Second, "users after Remove", wg.Wait)
@@ -730,19 +703,19 @@ func TestAdv2RemoveWhileInUse(t *testing.T) {
 			if n.Size() != 0 || len(n.Extents()) != 0 {
 				t.Fatalf("re-created object: Size %d, extents %v", n.Size(), n.Extents())
 			}
-			a2Must(t, n.Truncate(3*a2MiB), "Truncate")
-			a2Write(t, n, []byte("new"), 1_000_000)
-			got := a2ReadAll(t, n)
+			bbMust(t, n.Truncate(3*a2MiB), "Truncate")
+			bbWrite(t, n, []byte("new"), 1_000_000)
+			got := bbReadAll(t, n)
 			if i := bytes.IndexByte(got, 0xEE); i >= 0 {
 				t.Fatalf("re-created object shows the removed object's byte at %d", i)
 			}
-			a2Must(t, e.Sync(), "Sync")
-			got = a2ReadAll(t, n)
+			bbMust(t, e.Sync(), "Sync")
+			got = bbReadAll(t, n)
 			if i := bytes.IndexByte(got, 0xEE); i >= 0 {
 				t.Fatalf("after Sync the re-created object shows the removed object's byte at %d", i)
 			}
-			a2Must(t, e.Remove("victim"), "Remove of the new one")
-			a2Must(t, e.Sync(), "Sync")
+			bbMust(t, e.Remove("victim"), "Remove of the new one")
+			bbMust(t, e.Sync(), "Sync")
 			if s := e.Stats(); s.FreeBytes != base.FreeBytes || s.ReservedBytes != 0 {
 				t.Fatalf("iter %d: after removing everything FreeBytes %d Reserved %d, want %d, 0 (leak of %d bytes)",
 					iter, s.FreeBytes, s.ReservedBytes, base.FreeBytes, base.FreeBytes-s.FreeBytes)
@@ -766,14 +739,14 @@ func TestAdv2ReadOnlyChangesNothing(t *testing.T) {
 	e := a2Open(t, dev, engine.Options{CacheSize: 2 * a2MiB})
 	want := map[string][]byte{"a": a2Pattern(1, 123_457), "b": a2Pattern(2, 3*a2MiB+5)}
 	for name, d := range want {
-		a2Write(t, a2Create(t, e, name), d, 0)
+		bbWrite(t, a2Create(t, e, name), d, 0)
 	}
-	a2Must(t, e.Close(), "Close")
+	bbMust(t, e.Close(), "Close")
 	before := dev.Stats()
 	r, err := engine.Open(dev, engine.Options{ReadOnly: true, CacheSize: 2 * a2MiB})
-	a2Must(t, err, "Open read-only")
+	bbMust(t, err, "Open read-only")
 	a, err := r.Object("a")
-	a2Must(t, err, "Object")
+	bbMust(t, err, "Object")
 	mut := func(op string, err error) {
 		t.Helper()
 		if !errors.Is(err, engine.ErrReadOnly) {
@@ -821,7 +794,7 @@ func TestAdv2ReadOnlyChangesNothing(t *testing.T) {
 	}
 	for name, d := range want {
 		o, err := r.Object(name)
-		a2Must(t, err, "Object")
+		bbMust(t, err, "Object")
 		a2Check(t, o, d, "read-only "+name)
 		xs := a2CheckExtents(t, o, 4096, dev.Size(), "read-only "+name)
 		for _, x := range xs {
@@ -837,7 +810,7 @@ func TestAdv2ReadOnlyChangesNothing(t *testing.T) {
 	if s.DirtyBytes != 0 || s.ReservedBytes != 0 {
 		t.Errorf("read-only Stats: %+v", s)
 	}
-	a2Must(t, r.Close(), "Close read-only")
+	bbMust(t, r.Close(), "Close read-only")
 	after := dev.Stats()
 	if after.Writes != before.Writes || after.Flushes != before.Flushes {
 		t.Errorf("read-only engine wrote to the device: writes %d -> %d, flushes %d -> %d",
@@ -850,15 +823,15 @@ func TestAdv2ReadOnlyChangesNothing(t *testing.T) {
 		w.Close()
 		t.Errorf("read-write Open while read-only engines are open succeeded")
 	}
-	a2Must(t, r1.Close(), "Close r1")
-	a2Must(t, r2.Close(), "Close r2")
+	bbMust(t, r1.Close(), "Close r1")
+	bbMust(t, r2.Close(), "Close r2")
 	e = a2Open(t, dev, engine.Options{CacheSize: 2 * a2MiB})
 	for name, d := range want {
 		o, err := e.Object(name)
-		a2Must(t, err, "Object")
+		bbMust(t, err, "Object")
 		a2Check(t, o, d, "read-write after read-only "+name)
 	}
-	a2Must(t, e.Close(), "Close")
+	bbMust(t, e.Close(), "Close")
 }
 
 // TestAdv2ReadOnlyAfterCrash: a device whose journal holds transactions no
@@ -877,31 +850,31 @@ func TestAdv2ReadOnlyAfterCrash(t *testing.T) {
 			o := a2Create(t, e, name)
 			d := a2Pattern(seed*10+uint64(i), 1+rng.IntN(300_000))
 			off := int64(rng.IntN(10_000))
-			a2Write(t, o, d, off)
+			bbWrite(t, o, d, off)
 			full := make([]byte, off+int64(len(d)))
 			copy(full[off:], d)
-			a2Must(t, o.Sync(), "Sync")
+			bbMust(t, o.Sync(), "Sync")
 			synced[name] = full
 		}
 		// A removal, a truncate and a punch, synced.
-		a2Must(t, e.Remove("o0"), "Remove")
+		bbMust(t, e.Remove("o0"), "Remove")
 		delete(synced, "o0")
 		o1, _ := e.Object("o1")
 		cut := int64(len(synced["o1"]) / 3)
-		a2Must(t, o1.Truncate(cut), "Truncate")
+		bbMust(t, o1.Truncate(cut), "Truncate")
 		synced["o1"] = synced["o1"][:cut]
 		o2, _ := e.Object("o2")
-		a2Must(t, o2.PunchHole(100, 5000), "PunchHole")
+		bbMust(t, o2.PunchHole(100, 5000), "PunchHole")
 		if int64(len(synced["o2"])) > 100 {
 			clear(synced["o2"][100:min(5100, len(synced["o2"]))])
 		}
-		a2Must(t, e.Sync(), "Sync")
+		bbMust(t, e.Sync(), "Sync")
 		if s := e.Stats(); s.JournalUsedBytes == 0 {
 			t.Logf("seed %d: nothing in the journal to replay", seed)
 		}
 		// Unsynced changes, then the crash.
 		o3, _ := e.Object("o3")
-		a2Write(t, o3, []byte("unsynced"), 0)
+		bbWrite(t, o3, []byte("unsynced"), 0)
 		nd, _ := dev.Reboot(rand.New(rand.NewPCG(seed, 7)), true)
 		// The crashed engine is abandoned (its device is dead); Close it
 		// to free its goroutines, whatever it answers.
@@ -909,7 +882,7 @@ func TestAdv2ReadOnlyAfterCrash(t *testing.T) {
 
 		before := nd.Stats()
 		r, err := engine.Open(nd, engine.Options{ReadOnly: true, CacheSize: 2 * a2MiB})
-		a2Must(t, err, "read-only Open after a crash")
+		bbMust(t, err, "read-only Open after a crash")
 		check := func(e *engine.Engine, what string) {
 			names := e.Objects()
 			for name, d := range synced {
@@ -917,7 +890,7 @@ func TestAdv2ReadOnlyAfterCrash(t *testing.T) {
 				if err != nil {
 					t.Fatalf("seed %d %s: %s: %v (objects %q)", seed, what, name, err, names)
 				}
-				got := a2ReadAll(t, o)
+				got := bbReadAll(t, o)
 				if name == "o3" && len(got) >= 8 && bytes.Equal(got[:8], []byte("unsynced")) {
 					copy(got, d[:8]) // the unsynced write may have survived
 				}
@@ -930,13 +903,13 @@ func TestAdv2ReadOnlyAfterCrash(t *testing.T) {
 			}
 		}
 		check(r, "read-only")
-		a2Must(t, r.Close(), "Close read-only")
+		bbMust(t, r.Close(), "Close read-only")
 		if st := nd.Stats(); st.Writes != before.Writes || st.Flushes != before.Flushes {
 			t.Errorf("seed %d: read-only open of a crashed device wrote: %+v -> %+v", seed, before, st)
 		}
 		w := a2Open(t, nd, engine.Options{CacheSize: 2 * a2MiB})
 		check(w, "read-write after read-only")
-		a2Must(t, w.Close(), "Close")
+		bbMust(t, w.Close(), "Close")
 		if rep, err := engine.Check(nd); err != nil || len(rep.Problems) > 0 {
 			t.Fatalf("seed %d: Check: %v %v", seed, err, rep.Problems)
 		}
@@ -948,13 +921,13 @@ func TestAdv2ReadOnlyAfterCrash(t *testing.T) {
 
 // a2Evict reads enough other data through a small cache that the clean
 // pages of everything else are gone.
-func a2Evict(t testing.TB, e *engine.Engine, cacheSize int) {
+func a2Evict(t *testing.T, e *engine.Engine, cacheSize int) {
 	t.Helper()
 	o, err := e.Object("evictor")
 	if err != nil {
 		o = a2Create(t, e, "evictor")
-		a2Write(t, o, a2Pattern(77, 4*cacheSize), 0)
-		a2Must(t, o.Sync(), "Sync evictor")
+		bbWrite(t, o, a2Pattern(77, 4*cacheSize), 0)
+		bbMust(t, o.Sync(), "Sync evictor")
 	}
 	buf := make([]byte, 64<<10)
 	for pass := 0; pass < 2; pass++ {
@@ -994,30 +967,30 @@ func TestAdv2TruncateShrinkExtendZeros(t *testing.T) {
 			dev, e := a2MemEngine(t, 32*a2MiB, engine.Options{CacheSize: cache})
 			o := a2Create(t, e, "t")
 			want := a2Pattern(9, 5*bs+100)
-			a2Write(t, o, want, 0)
+			bbWrite(t, o, want, 0)
 			if tc.syncBefore {
-				a2Must(t, o.Sync(), "Sync")
+				bbMust(t, o.Sync(), "Sync")
 			}
 			if tc.dirtyOverwrite {
 				ow := a2Pattern(10, 3*bs)
-				a2Write(t, o, ow, bs)
+				bbWrite(t, o, ow, bs)
 				copy(want[bs:], ow)
 			}
 			cut := int64(2*bs + 1000)
-			a2Must(t, o.Truncate(cut), "Truncate shrink")
+			bbMust(t, o.Truncate(cut), "Truncate shrink")
 			want = want[:cut]
 			a2Check(t, o, want, "after shrink")
 			if tc.syncCut {
-				a2Must(t, o.Sync(), "Sync cut")
+				bbMust(t, o.Sync(), "Sync cut")
 			}
 			if tc.evict {
 				a2Evict(t, e, cache)
 			}
 			grow := int64(4*bs + 17)
 			if tc.growByWrite {
-				a2Write(t, o, []byte{0xAB}, grow-1)
+				bbWrite(t, o, []byte{0xAB}, grow-1)
 			} else {
-				a2Must(t, o.Truncate(grow), "Truncate grow")
+				bbMust(t, o.Truncate(grow), "Truncate grow")
 			}
 			want = append(want, make([]byte, grow-cut)...)
 			if tc.growByWrite {
@@ -1025,17 +998,17 @@ func TestAdv2TruncateShrinkExtendZeros(t *testing.T) {
 			}
 			a2Check(t, o, want, "after grow")
 			if tc.syncGrow {
-				a2Must(t, o.Sync(), "Sync grow")
+				bbMust(t, o.Sync(), "Sync grow")
 			}
 			if tc.evict {
 				a2Evict(t, e, cache)
 				a2Check(t, o, want, "after grow and eviction")
 			}
-			a2Must(t, e.Close(), "Close")
+			bbMust(t, e.Close(), "Close")
 			e = a2Open(t, dev, engine.Options{CacheSize: cache})
 			defer e.Close()
 			o, err := e.Object("t")
-			a2Must(t, err, "Object")
+			bbMust(t, err, "Object")
 			a2Check(t, o, want, "after Close+Open")
 			a2CheckExtents(t, o, bs, dev.Size(), "after Close+Open")
 		})
@@ -1053,8 +1026,8 @@ func TestAdv2TruncateCrashNoStaleTail(t *testing.T) {
 		e := a2Open(t, dev, engine.Options{CacheSize: 2 * a2MiB})
 		o := a2Create(t, e, "t")
 		old := bytes.Repeat([]byte{0xCC}, 3*bs)
-		a2Write(t, o, old, 0)
-		a2Must(t, o.Sync(), "Sync")
+		bbWrite(t, o, old, 0)
+		bbMust(t, o.Sync(), "Sync")
 		start := dev.Mutations()
 		dev.CrashAfter(int64(seed))
 		// Errors after the crash are expected.
@@ -1067,8 +1040,8 @@ func TestAdv2TruncateCrashNoStaleTail(t *testing.T) {
 		_ = e.Close()
 		e2 := a2Open(t, nd, engine.Options{CacheSize: 2 * a2MiB})
 		o2, err := e2.Object("t")
-		a2Must(t, err, "Object")
-		got := a2ReadAll(t, o2)
+		bbMust(t, err, "Object")
+		got := bbReadAll(t, o2)
 		// Allowed: the old 3 blocks of 0xCC; the cut (bs+10 bytes of 0xCC);
 		// or the grown object: bs+10 of 0xCC then zeros.
 		switch size := int64(len(got)); {
@@ -1078,7 +1051,7 @@ func TestAdv2TruncateCrashNoStaleTail(t *testing.T) {
 		default:
 			t.Fatalf("seed %d: after the crash: size %d, %d bytes 0xCC past %d", seed, size, bytes.Count(got[min(int64(len(got)), bs+10):], []byte{0xCC}), bs+10)
 		}
-		a2Must(t, e2.Close(), "Close")
+		bbMust(t, e2.Close(), "Close")
 	}
 }
 
@@ -1093,11 +1066,11 @@ func TestAdv2PunchEdgeCases(t *testing.T) {
 	// Layout: blocks 0-7 written, 8-11 hole, 12-19 delalloc, size mid 20.
 	model := make([]byte, 20*bs+333)
 	w := a2Pattern(1, 8*bs)
-	a2Write(t, o, w, 0)
+	bbWrite(t, o, w, 0)
 	copy(model, w)
-	a2Must(t, o.Sync(), "Sync")
+	bbMust(t, o.Sync(), "Sync")
 	d := a2Pattern(2, 8*bs+333)
-	a2Write(t, o, d, 12*bs)
+	bbWrite(t, o, d, 12*bs)
 	copy(model[12*bs:], d)
 	size := int64(len(model))
 	a2Check(t, o, model, "setup")
@@ -1119,7 +1092,7 @@ func TestAdv2PunchEdgeCases(t *testing.T) {
 	}
 	punch := func(off, n int64) {
 		t.Helper()
-		a2Must(t, o.PunchHole(off, n), fmt.Sprintf("PunchHole(%d, %d)", off, n))
+		bbMust(t, o.PunchHole(off, n), fmt.Sprintf("PunchHole(%d, %d)", off, n))
 		if off < size {
 			clear(model[off:min(size, off+n)])
 		}
@@ -1146,7 +1119,7 @@ func TestAdv2PunchEdgeCases(t *testing.T) {
 	punch(14*bs+100, 100)  // inside delalloc
 	punch(18*bs+7, 100*bs) // delalloc across EOF
 	punch(6*bs, 2*bs)      // exact written blocks
-	a2Must(t, e.Sync(), "Sync")
+	bbMust(t, e.Sync(), "Sync")
 	a2Check(t, o, model, "after Sync")
 	for _, x := range a2CheckExtents(t, o, bs, dev.Size(), "after Sync") {
 		if x.State != engine.Written {
@@ -1159,7 +1132,7 @@ func TestAdv2PunchEdgeCases(t *testing.T) {
 		// Only the last partial block may remain (its head is zeroed in place).
 		t.Errorf("after punching everything: extents %+v", xs)
 	}
-	a2Must(t, e.Close(), "Close")
+	bbMust(t, e.Close(), "Close")
 	e = a2Open(t, dev, engine.Options{CacheSize: 2 * a2MiB})
 	defer e.Close()
 	o, _ = e.Object("p")
@@ -1178,7 +1151,7 @@ func TestAdv2ExtentsStates(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
 	for _, o := range objs {
 		for i := 0; i < 20; i++ {
-			a2Write(t, o, a2Pattern(uint64(i), 1+rng.IntN(40_000)), int64(rng.IntN(2*a2MiB)))
+			bbWrite(t, o, a2Pattern(uint64(i), 1+rng.IntN(40_000)), int64(rng.IntN(2*a2MiB)))
 		}
 		for _, x := range a2CheckExtents(t, o, bs, dev.Size(), "before Sync") {
 			if x.State != engine.Delalloc || x.Physical != -1 {
@@ -1186,7 +1159,7 @@ func TestAdv2ExtentsStates(t *testing.T) {
 			}
 		}
 	}
-	a2Must(t, e.Sync(), "Sync")
+	bbMust(t, e.Sync(), "Sync")
 	type phys struct{ start, end int64 }
 	var used []phys
 	for _, o := range objs {
@@ -1206,7 +1179,7 @@ func TestAdv2ExtentsStates(t *testing.T) {
 	// Extents cover exactly the written blocks' bytes: every non-zero byte
 	// lies inside an extent.
 	for _, o := range objs {
-		data := a2ReadAll(t, o)
+		data := bbReadAll(t, o)
 		xs := o.Extents()
 		for i, b := range data {
 			if b == 0 {
@@ -1223,9 +1196,9 @@ func TestAdv2ExtentsStates(t *testing.T) {
 				t.Fatalf("%s: byte %d is %#x but no extent covers it", o.Name(), i, b)
 			}
 		}
-		a2Must(t, o.Truncate(300_001), "Truncate")
+		bbMust(t, o.Truncate(300_001), "Truncate")
 		a2CheckExtents(t, o, bs, dev.Size(), "after Truncate")
-		a2Must(t, o.Truncate(0), "Truncate 0")
+		bbMust(t, o.Truncate(0), "Truncate 0")
 		if xs := o.Extents(); len(xs) != 0 {
 			t.Errorf("after Truncate(0): %+v", xs)
 		}
@@ -1237,7 +1210,7 @@ func TestAdv2ExtentsStates(t *testing.T) {
 
 // a2ReaderAtContract checks the io.ReaderAt rules on o, whose contents
 // are want.
-func a2ReaderAtContract(t testing.TB, o *engine.Object, want []byte, what string) {
+func a2ReaderAtContract(t *testing.T, o *engine.Object, want []byte, what string) {
 	t.Helper()
 	size := int64(len(want))
 	for _, off := range []int64{size, size + 1, size + 4096, 1 << 40, engine.MaxObjectSize + 5} {
@@ -1306,7 +1279,7 @@ func TestAdv2ReaderAtContract(t *testing.T) {
 					t.Errorf("empty WriteAt past EOF = %d, %v; size now %d (must not grow)", n, err, o.Size())
 				}
 				a2ReaderAtContract(t, o, want, fmt.Sprintf("bs %d size %d delalloc", bs, size))
-				a2Must(t, o.Sync(), "Sync")
+				bbMust(t, o.Sync(), "Sync")
 				a2ReaderAtContract(t, o, want, fmt.Sprintf("bs %d size %d written", bs, size))
 				sr := io.NewSectionReader(o, 0, 1<<62)
 				got, err := io.ReadAll(sr)
@@ -1330,7 +1303,7 @@ func TestAdv2ParallelDisjointUnaligned(t *testing.T) {
 	dev, e := a2MemEngine(t, 64*a2MiB, engine.Options{CacheSize: a2MiB})
 	o := a2Create(t, e, "shared")
 	total := G * span
-	a2Must(t, o.Truncate(int64(total)), "Truncate")
+	bbMust(t, o.Truncate(int64(total)), "Truncate")
 	models := make([][]byte, G)
 	var wg sync.WaitGroup
 	errc := make(chan string, G)
@@ -1391,8 +1364,8 @@ func TestAdv2ParallelDisjointUnaligned(t *testing.T) {
 	var ew sync.WaitGroup
 	ew.Add(1)
 	ev := a2Create(t, e, "evictor")
-	a2Write(t, ev, a2Pattern(5, 3*a2MiB), 0)
-	a2Must(t, ev.Sync(), "Sync")
+	bbWrite(t, ev, a2Pattern(5, 3*a2MiB), 0)
+	bbMust(t, ev.Sync(), "Sync")
 	go func() {
 		defer ew.Done()
 		buf := make([]byte, 256<<10)
@@ -1420,7 +1393,7 @@ func TestAdv2ParallelDisjointUnaligned(t *testing.T) {
 	}
 	want := bytes.Join(models, nil)
 	a2Check(t, o, want, "final")
-	a2Must(t, e.Close(), "Close")
+	bbMust(t, e.Close(), "Close")
 	e = a2Open(t, dev, engine.Options{CacheSize: a2MiB})
 	defer e.Close()
 	o, _ = e.Object("shared")
@@ -1459,17 +1432,17 @@ func TestAdv2FileDevice(t *testing.T) {
 		n := 1 + rng.IntN(100_000)
 		raw := a2Pattern(uint64(i), n+7)
 		p := raw[1+rng.IntN(6):][:n] // misaligned user buffer
-		a2Write(t, o, p, int64(off))
+		bbWrite(t, o, p, int64(off))
 		if off+n > len(model) {
 			model = append(model, make([]byte, off+n-len(model))...)
 		}
 		copy(model[off:], p)
 		switch rng.IntN(12) {
 		case 0:
-			a2Must(t, o.Sync(), "Sync")
+			bbMust(t, o.Sync(), "Sync")
 		case 1:
 			a, b := rng.IntN(len(model)), rng.IntN(50_000)
-			a2Must(t, o.PunchHole(int64(a), int64(b)), "PunchHole")
+			bbMust(t, o.PunchHole(int64(a), int64(b)), "PunchHole")
 			clear(model[a:min(len(model), a+b)])
 		case 2:
 			got := make([]byte, 1+rng.IntN(200_000))
@@ -1487,24 +1460,24 @@ func TestAdv2FileDevice(t *testing.T) {
 	a2Check(t, o, model, "model on the file device")
 	a2ReaderAtContract(t, o, model, "file device")
 	// Mid-block shrink, eviction, grow.
-	a2Must(t, o.Sync(), "Sync")
+	bbMust(t, o.Sync(), "Sync")
 	cut := int64(len(model)/2/bs*bs + 1234)
-	a2Must(t, o.Truncate(cut), "Truncate")
-	a2Must(t, o.Sync(), "Sync")
+	bbMust(t, o.Truncate(cut), "Truncate")
+	bbMust(t, o.Sync(), "Sync")
 	a2Evict(t, e, cache)
-	a2Must(t, o.Truncate(cut+3*bs), "Truncate grow")
+	bbMust(t, o.Truncate(cut+3*bs), "Truncate grow")
 	model = append(model[:cut], make([]byte, 3*bs)...)
 	a2Check(t, o, model, "after shrink, eviction, grow")
 	// Exact fill.
 	ev, _ := e.Object("evictor")
 	_ = ev
-	a2Must(t, e.Sync(), "Sync")
+	bbMust(t, e.Sync(), "Sync")
 	s0 := e.Stats()
 	avail := a2Avail(s0)
 	fill := a2Create(t, e, "fill")
 	fillData := a2Pattern(31, int(avail)-3000) // ends inside the last block
 	for off := 0; off < len(fillData); off += 333_333 {
-		a2Write(t, fill, fillData[off:min(len(fillData), off+333_333)], int64(off))
+		bbWrite(t, fill, fillData[off:min(len(fillData), off+333_333)], int64(off))
 	}
 	if s := e.Stats(); a2Avail(s) != 0 {
 		t.Errorf("after filling the file device: avail %d", a2Avail(s))
@@ -1512,11 +1485,11 @@ func TestAdv2FileDevice(t *testing.T) {
 	if n, err := fill.WriteAt(make([]byte, bs), avail); n != 0 || !errors.Is(err, engine.ErrNoSpace) {
 		t.Fatalf("WriteAt past the free space on the file device = %d, %v", n, err)
 	}
-	a2Must(t, e.Sync(), "Sync of the full file device")
-	a2Must(t, e.Close(), "Close")
-	a2Must(t, dev.Close(), "dev.Close")
+	bbMust(t, e.Sync(), "Sync of the full file device")
+	bbMust(t, e.Close(), "Close")
+	bbMust(t, dev.Close(), "dev.Close")
 	dev, err := engine.OpenDevice(path, engine.DeviceOptions{})
-	a2Must(t, err, "OpenDevice again")
+	bbMust(t, err, "OpenDevice again")
 	defer dev.Close()
 	e = a2Open(t, dev, engine.Options{CacheSize: cache})
 	defer e.Close()
@@ -1527,8 +1500,8 @@ func TestAdv2FileDevice(t *testing.T) {
 	if s := e.Stats(); s.FreeBytes != 0 || s.ReservedBytes != 0 {
 		t.Errorf("after reopening the full file device: %+v", s)
 	}
-	a2Must(t, e.Remove("fill"), "Remove")
-	a2Must(t, e.Sync(), "Sync")
+	bbMust(t, e.Remove("fill"), "Remove")
+	bbMust(t, e.Sync(), "Sync")
 	if s := e.Stats(); s.FreeBytes != s0.FreeBytes {
 		t.Errorf("after Remove+Sync: FreeBytes %d, want %d", s.FreeBytes, s0.FreeBytes)
 	}
@@ -1544,7 +1517,7 @@ func TestAdv2FileDeviceParallel(t *testing.T) {
 	a2Format(t, dev, engine.FormatOptions{})
 	e := a2Open(t, dev, engine.Options{CacheSize: a2MiB})
 	o := a2Create(t, e, "p")
-	a2Must(t, o.Truncate(G*span), "Truncate")
+	bbMust(t, o.Truncate(G*span), "Truncate")
 	var wg sync.WaitGroup
 	errc := make(chan string, G)
 	models := make([][]byte, G)
@@ -1593,23 +1566,12 @@ func TestAdv2FileDeviceParallel(t *testing.T) {
 	}
 	want := bytes.Join(models, nil)
 	a2Check(t, o, want, "final")
-	a2Must(t, e.Close(), "Close")
+	bbMust(t, e.Close(), "Close")
 	a2AllClosed(t, e, o, "file device after Close")
 }
 
 // ---------------------------------------------------------------------------
 // 7. Format and Open misuse.
-
-// a2NoPanic runs fn and turns a panic into a test failure.
-func a2NoPanic(t *testing.T, what string, fn func()) {
-	t.Helper()
-	defer func() {
-		if r := recover(); r != nil {
-			t.Fatalf("%s panicked: %v", what, r)
-		}
-	}()
-	fn()
-}
 
 // TestAdv2FormatBadOptions: every FormatOptions that cannot work is refused
 // with an error wrapping fs.ErrInvalid, without writing the device.
@@ -1640,7 +1602,7 @@ func TestAdv2FormatBadOptions(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dev := engine.NewFaultDevice(tc.size, tc.sector)
 			var err error
-			a2NoPanic(t, "Format", func() { err = engine.Format(dev, tc.fo) })
+			mustNotPanic(t, "Format", func() { err = engine.Format(dev, tc.fo) })
 			if err == nil {
 				t.Fatalf("Format(%+v) on %d bytes / %d-byte sectors succeeded", tc.fo, tc.size, tc.sector)
 			}
@@ -1685,22 +1647,22 @@ func TestAdv2FormatLimitsWork(t *testing.T) {
 			o := a2Create(t, e, "all")
 			want := a2Pattern(1, int(a2Avail(s0)))
 			for off := 0; off < len(want); off += 1_000_003 {
-				a2Write(t, o, want[off:min(len(want), off+1_000_003)], int64(off))
+				bbWrite(t, o, want[off:min(len(want), off+1_000_003)], int64(off))
 			}
 			if n, err := o.WriteAt([]byte{1}, int64(len(want))); n != 0 || !errors.Is(err, engine.ErrNoSpace) {
 				t.Fatalf("write past the free space = %d, %v", n, err)
 			}
-			a2Must(t, e.Sync(), "Sync")
+			bbMust(t, e.Sync(), "Sync")
 			for _, x := range a2CheckExtents(t, o, int64(blockOf(tc.fo)), tc.size, "full") {
 				if x.Physical+x.Length > tc.size {
 					t.Errorf("extent %+v past the device", x)
 				}
 			}
-			a2Must(t, e.Close(), "Close")
+			bbMust(t, e.Close(), "Close")
 			e = a2Open(t, dev, engine.Options{CacheSize: tc.cache})
 			defer e.Close()
 			o, err := e.Object("all")
-			a2Must(t, err, "Object")
+			bbMust(t, err, "Object")
 			a2Check(t, o, want, "after reopen")
 			if r, err := engine.Check(dev); err != nil || len(r.Problems) > 0 {
 				t.Fatalf("Check: %v %v", err, r.Problems)
@@ -1721,7 +1683,7 @@ func blockOf(fo engine.FormatOptions) int {
 // bad Options are fs.ErrInvalid.
 func TestAdv2OpenBadDevices(t *testing.T) {
 	open := func(dev engine.Device, opts engine.Options) (err error) {
-		a2NoPanic(t, "Open", func() {
+		mustNotPanic(t, "Open", func() {
 			var e *engine.Engine
 			e, err = engine.Open(dev, opts)
 			if err == nil {
@@ -1754,8 +1716,8 @@ func TestAdv2OpenBadDevices(t *testing.T) {
 	dev := engine.NewMemDevice(16*a2MiB, 512)
 	a2Format(t, dev, engine.FormatOptions{})
 	e := a2Open(t, dev, opts)
-	a2Write(t, a2Create(t, e, "x"), a2Pattern(3, 100_000), 0)
-	a2Must(t, e.Close(), "Close")
+	bbWrite(t, a2Create(t, e, "x"), a2Pattern(3, 100_000), 0)
+	bbMust(t, e.Close(), "Close")
 	img := make([]byte, 2*a2MiB)
 	_, _ = dev.ReadAt(img, 0)
 	for blk := int64(0); blk < 64; blk++ {
@@ -1763,11 +1725,11 @@ func TestAdv2OpenBadDevices(t *testing.T) {
 			d := engine.NewMemDevice(16*a2MiB, 512)
 			_, _ = d.WriteAt(img, 0)
 			_, _ = d.WriteAt(junk, blk*4096)
-			a2NoPanic(t, fmt.Sprintf("Open with block %d damaged", blk), func() {
+			mustNotPanic(t, fmt.Sprintf("Open with block %d damaged", blk), func() {
 				if e, err := engine.Open(d, opts); err == nil {
 					// A damaged redundant copy may be tolerated; data must read.
 					if o, err := e.Object("x"); err == nil {
-						_ = a2ReadAll(t, o)
+						_ = bbReadAll(t, o)
 					}
 					e.Close()
 				}
@@ -1788,7 +1750,7 @@ func TestAdv2OpenBadDevices(t *testing.T) {
 	}
 	// The device is still usable after all the failed Opens.
 	e = a2Open(t, dev, opts)
-	a2Must(t, e.Close(), "Close")
+	bbMust(t, e.Close(), "Close")
 }
 
 // TestAdv2FormatOverExisting: Format over a device holding an engine with
@@ -1802,11 +1764,11 @@ func TestAdv2FormatOverExisting(t *testing.T) {
 		fresh := e.Stats()
 		for i := 0; i < 5; i++ {
 			o := a2Create(t, e, fmt.Sprintf("old%d", i))
-			a2Write(t, o, bytes.Repeat([]byte{0xDD}, 500_000), 0)
-			a2Must(t, o.Sync(), "Sync")
+			bbWrite(t, o, bytes.Repeat([]byte{0xDD}, 500_000), 0)
+			bbMust(t, o.Sync(), "Sync")
 		}
 		if clean {
-			a2Must(t, e.Close(), "Close")
+			bbMust(t, e.Close(), "Close")
 		} else {
 			// The journal holds transactions; the engine is abandoned
 			// (simulated crash) and the device formatted anyway.
@@ -1823,17 +1785,17 @@ func TestAdv2FormatOverExisting(t *testing.T) {
 			t.Fatalf("clean=%v: after re-Format: %+v, want FreeBytes %d", clean, s, fresh.FreeBytes)
 		}
 		o := a2Create(t, e, "old0")
-		a2Must(t, o.Truncate(500_000), "Truncate")
-		a2Write(t, o, []byte{1}, 250_000)
-		if i := bytes.IndexByte(a2ReadAll(t, o), 0xDD); i >= 0 {
+		bbMust(t, o.Truncate(500_000), "Truncate")
+		bbWrite(t, o, []byte{1}, 250_000)
+		if i := bytes.IndexByte(bbReadAll(t, o), 0xDD); i >= 0 {
 			t.Fatalf("clean=%v: new object shows old bytes at %d", clean, i)
 		}
-		a2Must(t, e.Close(), "Close")
+		bbMust(t, e.Close(), "Close")
 		e = a2Open(t, dev, engine.Options{CacheSize: 2 * a2MiB})
 		if names := e.Objects(); !slices.Equal(names, []string{"old0"}) {
 			t.Fatalf("clean=%v: after reopen: %q", clean, names)
 		}
-		a2Must(t, e.Close(), "Close")
+		bbMust(t, e.Close(), "Close")
 	}
 }
 
@@ -1877,49 +1839,49 @@ func TestAdv2StatsExactFillAfterRemoveAndWindows(t *testing.T) {
 			apps := []*engine.Object{a2Create(t, e, "app0"), a2Create(t, e, "app1")}
 			for i := 0; i < 16; i++ {
 				for j, o := range apps {
-					a2Write(t, o, a2Pattern(uint64(i*2+j), 64<<10), int64(i)*(64<<10))
-					a2Must(t, o.Sync(), "Sync appender")
+					bbWrite(t, o, a2Pattern(uint64(i*2+j), 64<<10), int64(i)*(64<<10))
+					bbMust(t, o.Sync(), "Sync appender")
 				}
 			}
 			// A big object, synced, then removed without a Sync.
 			big := a2Create(t, e, "big")
-			a2Write(t, big, bytes.Repeat([]byte{0xBB}, int(a2Avail(e.Stats()))/2), 0)
-			a2Must(t, big.Sync(), "Sync big")
-			a2Must(t, e.Remove("big"), "Remove big")
+			bbWrite(t, big, bytes.Repeat([]byte{0xBB}, int(a2Avail(e.Stats()))/2), 0)
+			bbMust(t, big.Sync(), "Sync big")
+			bbMust(t, e.Remove("big"), "Remove big")
 			avail := a2Avail(e.Stats())
 			fill := a2Create(t, e, "fill")
 			want := a2Pattern(42, int(avail))
 			for off := 0; off < len(want); off += 200_000 {
-				a2Write(t, fill, want[off:min(len(want), off+200_000)], int64(off))
+				bbWrite(t, fill, want[off:min(len(want), off+200_000)], int64(off))
 			}
 			if n, err := fill.WriteAt(make([]byte, bs), avail); n != 0 || !errors.Is(err, engine.ErrNoSpace) {
 				t.Fatalf("one block more = %d, %v", n, err)
 			}
 			if objSync {
-				a2Must(t, fill.Sync(), "Object.Sync of the fill (must not report ENOSPC)")
+				bbMust(t, fill.Sync(), "Object.Sync of the fill (must not report ENOSPC)")
 			}
-			a2Must(t, e.Sync(), "Sync of the fill (must not report ENOSPC)")
+			bbMust(t, e.Sync(), "Sync of the fill (must not report ENOSPC)")
 			if s := e.Stats(); s.FreeBytes != 0 || s.ReservedBytes != 0 {
 				t.Errorf("after the fill: %+v", s)
 			}
-			got := a2ReadAll(t, fill)
+			got := bbReadAll(t, fill)
 			if d := firstDiff(got, want); d != "" {
 				t.Fatalf("fill: %s", d)
 			}
 			// Appenders' data intact.
 			for j, o := range apps {
-				data := a2ReadAll(t, o)
+				data := bbReadAll(t, o)
 				for i := 0; i < 16; i++ {
 					if !bytes.Equal(data[i*(64<<10):(i+1)*(64<<10)], a2Pattern(uint64(i*2+j), 64<<10)) {
 						t.Fatalf("appender %d chunk %d damaged", j, i)
 					}
 				}
 			}
-			a2Must(t, e.Remove("fill"), "Remove")
+			bbMust(t, e.Remove("fill"), "Remove")
 			for _, name := range []string{"app0", "app1"} {
-				a2Must(t, e.Remove(name), "Remove")
+				bbMust(t, e.Remove(name), "Remove")
 			}
-			a2Must(t, e.Sync(), "Sync")
+			bbMust(t, e.Sync(), "Sync")
 			if s := e.Stats(); s.FreeBytes != s0.FreeBytes {
 				t.Errorf("all removed: FreeBytes %d, want %d", s.FreeBytes, s0.FreeBytes)
 			}
@@ -2051,7 +2013,7 @@ func TestAdv2ConcurrentBoundsAndExtents(t *testing.T) {
 			for s := range errc {
 				t.Error(s)
 			}
-			a2Must(t, e.Sync(), "Sync")
+			bbMust(t, e.Sync(), "Sync")
 			for _, o := range objs {
 				for _, x := range a2CheckExtents(t, o, int64(tc.bs), dev.Size(), "after Sync") {
 					if x.State != engine.Written {
@@ -2070,11 +2032,11 @@ func TestAdv2OldHandleAfterRecreate(t *testing.T) {
 	_, e := a2MemEngine(t, 32*a2MiB, engine.Options{CacheSize: 2 * a2MiB})
 	defer e.Close()
 	old := a2Create(t, e, "n")
-	a2Write(t, old, bytes.Repeat([]byte{0x11}, 20_000), 0)
-	a2Must(t, e.Sync(), "Sync")
-	a2Must(t, e.Remove("n"), "Remove")
+	bbWrite(t, old, bytes.Repeat([]byte{0x11}, 20_000), 0)
+	bbMust(t, e.Sync(), "Sync")
+	bbMust(t, e.Remove("n"), "Remove")
 	nw := a2Create(t, e, "n")
-	a2Write(t, nw, []byte("fresh"), 0)
+	bbWrite(t, nw, []byte("fresh"), 0)
 	if _, err := old.WriteAt([]byte("stale"), 0); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("old handle WriteAt = %v", err)
 	}
@@ -2106,7 +2068,7 @@ func TestAdv2OldHandleAfterRecreate(t *testing.T) {
 		t.Errorf("second Remove = %v", err)
 	}
 	nw2 := a2Create(t, e, "n")
-	if got := a2ReadAll(t, nw2); len(got) != 0 {
+	if got := bbReadAll(t, nw2); len(got) != 0 {
 		t.Errorf("third incarnation not empty: %q", got)
 	}
 	a2Check(t, nw2, nil, "third")

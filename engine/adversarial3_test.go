@@ -14,8 +14,6 @@ import (
 	"io"
 	"io/fs"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -295,15 +293,6 @@ func a3Pattern(tag uint64, off int64, n int) []byte {
 		p[i] = byte(x%255) + 1
 	}
 	return p
-}
-
-func a3Env(name string, def uint64) uint64 {
-	if s := os.Getenv(name); s != "" {
-		if v, err := strconv.ParseUint(s, 10, 64); err == nil {
-			return v
-		}
-	}
-	return def
 }
 
 // a3Expected: errors a workload op may get without the run being broken
@@ -776,11 +765,11 @@ func a3Run(t *testing.T, cfg a3Config, seed uint64, rounds int) bool {
 }
 
 func a3Iters(t *testing.T, budget time.Duration, max int) (uint64, time.Duration, int) {
-	base := a3Env("RAWBLOCK_A3_SEED", 1)
+	base := crashEnv(t, "RAWBLOCK_A3_SEED", 1)
 	if testing.Short() {
 		budget /= 3
 	}
-	if v := a3Env("RAWBLOCK_A3_ITERS", 0); v > 0 {
+	if v := crashEnv(t, "RAWBLOCK_A3_ITERS", 0); v > 0 {
 		max = int(v)
 		budget = time.Hour
 	}

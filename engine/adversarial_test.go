@@ -23,13 +23,6 @@ import (
 
 const advMiB = 1 << 20
 
-func advFormat(t *testing.T, dev engine.Device, fo engine.FormatOptions) {
-	t.Helper()
-	if err := engine.Format(dev, fo); err != nil {
-		t.Fatalf("Format: %v", err)
-	}
-}
-
 func advOpen(t *testing.T, dev engine.Device) *engine.Engine {
 	t.Helper()
 	e, err := engine.Open(dev, engine.Options{CacheSize: 8 * advMiB})
@@ -39,15 +32,6 @@ func advOpen(t *testing.T, dev engine.Device) *engine.Engine {
 	return e
 }
 
-func advCreate(t *testing.T, e *engine.Engine, name string) *engine.Object {
-	t.Helper()
-	o, err := e.Create(name)
-	if err != nil {
-		t.Fatalf("Create(%q): %v", name, err)
-	}
-	return o
-}
-
 func advObj(t *testing.T, e *engine.Engine, name string) *engine.Object {
 	t.Helper()
 	o, err := e.Object(name)
@@ -55,25 +39,6 @@ func advObj(t *testing.T, e *engine.Engine, name string) *engine.Object {
 		t.Fatalf("Object(%q): %v", name, err)
 	}
 	return o
-}
-
-func advWrite(t *testing.T, o *engine.Object, p []byte, off int64) {
-	t.Helper()
-	n, err := o.WriteAt(p, off)
-	if n != len(p) || err != nil {
-		t.Fatalf("WriteAt(%d bytes at %d) = %d, %v", len(p), off, n, err)
-	}
-}
-
-func advReadAll(t *testing.T, o *engine.Object) []byte {
-	t.Helper()
-	size := o.Size()
-	buf := make([]byte, size)
-	n, err := o.ReadAt(buf, 0)
-	if int64(n) != size || (err != nil && err != io.EOF) {
-		t.Fatalf("ReadAt(all %d) = %d, %v", size, n, err)
-	}
-	return buf
 }
 
 func advFill(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
@@ -106,7 +71,7 @@ func TestAdvMetadataSmallRegionUsable(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Format accepted MetadataSize %d but Create of the first object fails: %v", ms, err)
 			}
-			advWrite(t, o, []byte("hello"), 0)
+			bbWrite(t, o, []byte("hello"), 0)
 			if err := e.Sync(); err != nil {
 				t.Fatalf("Sync: %v", err)
 			}
@@ -130,12 +95,12 @@ func TestAdvMetadataSparseWritesThenSync(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dev := engine.NewMemDevice(16*advMiB, 512)
-			advFormat(t, dev, tc.fo)
+			a2Format(t, dev, tc.fo)
 			e, err := engine.Open(dev, engine.Options{CacheSize: 64 * advMiB})
 			if err != nil {
 				t.Fatal(err)
 			}
-			o := advCreate(t, e, "sparse")
+			o := a2Create(t, e, "sparse")
 			bs := int64(4096)
 			if tc.fo.BlockSize != 0 {
 				bs = int64(tc.fo.BlockSize)
@@ -178,7 +143,7 @@ func TestAdvMetadataSparseWritesThenSync(t *testing.T) {
 // must not be where the metadata region overflows.
 func TestAdvMetadataManySmallObjects(t *testing.T) {
 	dev := engine.NewMemDevice(16*advMiB, 512)
-	advFormat(t, dev, engine.FormatOptions{})
+	a2Format(t, dev, engine.FormatOptions{})
 	e, err := engine.Open(dev, engine.Options{CacheSize: 32 * advMiB})
 	if err != nil {
 		t.Fatal(err)
@@ -239,7 +204,7 @@ func TestAdvMetadataManySmallObjects(t *testing.T) {
 func advFaultDev(t *testing.T, size int64, sector int, fo engine.FormatOptions) *engine.FaultDevice {
 	t.Helper()
 	d := engine.NewFaultDevice(size, sector)
-	advFormat(t, d, fo)
+	a2Format(t, d, fo)
 	return d
 }
 
@@ -272,8 +237,8 @@ func TestAdvCrashRemoveThenReuse(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				a := advCreate(t, e, "a")
-				advWrite(t, a, advFill(0xAA, asz), 0)
+				a := a2Create(t, e, "a")
+				bbWrite(t, a, advFill(0xAA, asz), 0)
 				if err := e.Sync(); err != nil {
 					t.Fatal(err)
 				}
@@ -285,11 +250,11 @@ func TestAdvCrashRemoveThenReuse(t *testing.T) {
 						t.Fatal(err)
 					}
 				}
-				b := advCreate(t, e, "b")
+				b := a2Create(t, e, "b")
 				// Partial writes scattered over what A occupied.
 				want := make([]byte, asz)
 				for _, w := range []struct{ off, n int }{{100, 50}, {5000, 9000}, {65536 + 7, 1}, {200000, 30000}} {
-					advWrite(t, b, advFill(0xBB, w.n), int64(w.off))
+					bbWrite(t, b, advFill(0xBB, w.n), int64(w.off))
 					copy(want[w.off:], advFill(0xBB, w.n))
 				}
 				if err := b.Truncate(asz); err != nil {
@@ -308,7 +273,7 @@ func TestAdvCrashRemoveThenReuse(t *testing.T) {
 					}
 				}
 				if ao, err := e.Object("a"); err == nil {
-					got := advReadAll(t, ao)
+					got := bbReadAll(t, ao)
 					if d := firstDiff(got, advFill(0xAA, asz)); d != "" {
 						t.Fatalf("cut %d seed %d: a came back altered: %s", cut, seed, d)
 					}
@@ -321,7 +286,7 @@ func TestAdvCrashRemoveThenReuse(t *testing.T) {
 					e.Close()
 					continue
 				}
-				got := advReadAll(t, bo)
+				got := bbReadAll(t, bo)
 				for i, c := range got {
 					if c == 0xAA {
 						t.Fatalf("cut %d seed %d syncRemove %v: b byte %d reads a's 0xAA", cut, seed, syncRemove, i)
@@ -355,9 +320,9 @@ func TestAdvCrashMetadataChurn(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		keep := advCreate(t, e, "keep")
+		keep := a2Create(t, e, "keep")
 		keepData := advRand(rng, 100000)
-		advWrite(t, keep, keepData, 3)
+		bbWrite(t, keep, keepData, 3)
 		keepData = append(make([]byte, 3), keepData...)
 		if err := keep.Sync(); err != nil {
 			t.Fatal(err)
@@ -449,7 +414,7 @@ func TestAdvCrashMetadataChurn(t *testing.T) {
 			if err != nil {
 				t.Fatalf("seed %d: synced object %q lost: %v", seed, n, err)
 			}
-			if d := firstDiff(advReadAll(t, o), want); d != "" {
+			if d := firstDiff(bbReadAll(t, o), want); d != "" {
 				t.Fatalf("seed %d: synced object %q: %s", seed, n, d)
 			}
 		}
@@ -501,7 +466,7 @@ func TestAdvModelBlockSizes(t *testing.T) {
 func advModelRun(t *testing.T, sector, block int, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, uint64(block)))
 	dev := engine.NewMemDevice(32*advMiB, sector)
-	advFormat(t, dev, engine.FormatOptions{BlockSize: block})
+	a2Format(t, dev, engine.FormatOptions{BlockSize: block})
 	open := func() *engine.Engine {
 		e, err := engine.Open(dev, engine.Options{CacheSize: 8 * advMiB})
 		if err != nil {
@@ -656,7 +621,7 @@ func advMapped(t *testing.T, e *engine.Engine) int64 {
 // ErrNoSpace, and everything acknowledged must read back after reopen.
 func TestAdvFullDevice(t *testing.T) {
 	dev := engine.NewMemDevice(16*advMiB, 512)
-	advFormat(t, dev, engine.FormatOptions{})
+	a2Format(t, dev, engine.FormatOptions{})
 	e, err := engine.Open(dev, engine.Options{CacheSize: 8 * advMiB})
 	if err != nil {
 		t.Fatal(err)
@@ -672,7 +637,7 @@ func TestAdvFullDevice(t *testing.T) {
 		name := fmt.Sprintf("f%d", i%5)
 		o, err := e.Object(name)
 		if err != nil {
-			o = advCreate(t, e, name)
+			o = a2Create(t, e, name)
 			m[name] = nil
 		}
 		n := rng.IntN(maxN) + 1
@@ -721,7 +686,7 @@ func TestAdvFullDevice(t *testing.T) {
 		for off := 0; off < len(cur); {
 			n := min(rng.IntN(70000)+1, len(cur)-off)
 			p := advRand(rng, n)
-			advWrite(t, o, p, int64(off))
+			bbWrite(t, o, p, int64(off))
 			copy(cur[off:], p)
 			off += n
 		}
@@ -748,7 +713,7 @@ func TestAdvFullDevice(t *testing.T) {
 		}
 		clear(m["f1"][off : off+advMiB])
 		p := advRand(rng, 512<<10)
-		advWrite(t, o1, p, off+1000)
+		bbWrite(t, o1, p, off+1000)
 		copy(m["f1"][off+1000:], p)
 	}
 	// Truncate f2 to a third, write elsewhere (f3 append) into it at once.
@@ -760,7 +725,7 @@ func TestAdvFullDevice(t *testing.T) {
 	m["f2"] = m["f2"][:third+1]
 	o3 := advObj(t, e, "f3")
 	grow := advRand(rng, third/2)
-	advWrite(t, o3, grow, int64(len(m["f3"])))
+	bbWrite(t, o3, grow, int64(len(m["f3"])))
 	m["f3"] = append(m["f3"], grow...)
 	// Remove f4, create g, fill g with the space it gave back.
 	g4 := len(m["f4"])
@@ -768,9 +733,9 @@ func TestAdvFullDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	delete(m, "f4")
-	g := advCreate(t, e, "g")
+	g := a2Create(t, e, "g")
 	gp := advRand(rng, max(g4-8192, 1))
-	advWrite(t, g, gp, 0)
+	bbWrite(t, g, gp, 0)
 	m["g"] = gp
 	if err := e.Sync(); err != nil {
 		t.Fatalf("Sync after reuse: %v", err)
@@ -810,10 +775,6 @@ func advLayout(t *testing.T, d engine.Device) engine.Layout {
 	return r.Layout
 }
 
-func advRegion(lo, hi int64) func(off, n int64) bool {
-	return func(off, n int64) bool { return off < hi && off+n > lo }
-}
-
 // TestAdvReadEIONotCached: a data read that fails with EIO must report it
 // (errors.Is), return n == 0 or a short count with the error, and must not
 // leave zeros or garbage in the cache: once the device heals the same read
@@ -829,9 +790,9 @@ func TestAdvReadEIONotCached(t *testing.T) {
 		t.Fatal(err)
 	}
 	rng := rand.New(rand.NewPCG(9, 9))
-	o := advCreate(t, e, "x")
+	o := a2Create(t, e, "x")
 	want := advRand(rng, 3*advMiB)
-	advWrite(t, o, want, 0)
+	bbWrite(t, o, want, 0)
 	if err := e.Close(); err != nil { // drop every cached page
 		t.Fatal(err)
 	}
@@ -849,7 +810,7 @@ func TestAdvReadEIONotCached(t *testing.T) {
 		{24 * bs, 8 * bs},
 		{32 * bs, 64 * bs},
 	} {
-		if err := d.Inject(engine.Fault{Op: engine.FaultRead, Times: -1, Match: advRegion(dataLo, dataHi), Err: syscall.EIO}); err != nil {
+		if err := d.Inject(engine.Fault{Op: engine.FaultRead, Times: -1, Match: fltIn(dataLo, dataHi), Err: syscall.EIO}); err != nil {
 			t.Fatal(err)
 		}
 		buf := make([]byte, rd.n)
@@ -873,7 +834,7 @@ func TestAdvReadEIONotCached(t *testing.T) {
 	}
 	// Read-modify-write under EIO: the write fails, nothing changes.
 	x := int64(100 * bs)
-	if err := d.Inject(engine.Fault{Op: engine.FaultRead, Times: -1, Match: advRegion(dataLo, dataHi), Err: syscall.EIO}); err != nil {
+	if err := d.Inject(engine.Fault{Op: engine.FaultRead, Times: -1, Match: fltIn(dataLo, dataHi), Err: syscall.EIO}); err != nil {
 		t.Fatal(err)
 	}
 	n, err := o.WriteAt([]byte{1, 2, 3}, x+10)
@@ -910,18 +871,18 @@ func TestAdvWriteEIOThenHeal(t *testing.T) {
 			t.Fatal(err)
 		}
 		rng := rand.New(rand.NewPCG(1, 2))
-		o := advCreate(t, e, "x")
+		o := a2Create(t, e, "x")
 		base := advRand(rng, 300000)
-		advWrite(t, o, base, 0)
+		bbWrite(t, o, base, 0)
 		if err := o.Sync(); err != nil {
 			t.Fatal(err)
 		}
 		want := bytes.Clone(base)
 		// overwrite in place + extend
 		p := advRand(rng, 200000)
-		advWrite(t, o, p, 250000)
+		bbWrite(t, o, p, 250000)
 		want = append(want[:250000], p...)
-		if err := d.Inject(engine.Fault{Op: engine.FaultWrite, Times: -1, Match: advRegion(dataLo, dataHi), Err: syscall.EIO}); err != nil {
+		if err := d.Inject(engine.Fault{Op: engine.FaultWrite, Times: -1, Match: fltIn(dataLo, dataHi), Err: syscall.EIO}); err != nil {
 			t.Fatal(err)
 		}
 		sync := o.Sync
@@ -960,14 +921,14 @@ func TestAdvFlushEIOShutsDown(t *testing.T) {
 			t.Fatal(err)
 		}
 		rng := rand.New(rand.NewPCG(uint64(nth), 2))
-		a := advCreate(t, e, "a")
+		a := a2Create(t, e, "a")
 		aData := advRand(rng, 100000)
-		advWrite(t, a, aData, 0)
+		bbWrite(t, a, aData, 0)
 		if err := e.Sync(); err != nil {
 			t.Fatal(err)
 		}
-		b := advCreate(t, e, "b")
-		advWrite(t, b, advRand(rng, 50000), 0)
+		b := a2Create(t, e, "b")
+		bbWrite(t, b, advRand(rng, 50000), 0)
 		d.FailOn(engine.FaultFlush, nth, syscall.EIO)
 		err = b.Sync()
 		if err == nil {
@@ -1009,7 +970,7 @@ func TestAdvFlushEIOShutsDown(t *testing.T) {
 // after Close and Open.
 func TestAdvConcurrentMixed(t *testing.T) {
 	dev := engine.NewMemDevice(64*advMiB, 512)
-	advFormat(t, dev, engine.FormatOptions{})
+	a2Format(t, dev, engine.FormatOptions{})
 	e, err := engine.Open(dev, engine.Options{CacheSize: 2 * advMiB})
 	if err != nil {
 		t.Fatal(err)
@@ -1020,7 +981,7 @@ func TestAdvConcurrentMixed(t *testing.T) {
 	errc := make(chan error, 100)
 	stop := make(chan struct{})
 	for g := 0; g < owners; g++ {
-		o := advCreate(t, e, fmt.Sprintf("own%d", g))
+		o := a2Create(t, e, fmt.Sprintf("own%d", g))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -1181,14 +1142,14 @@ func TestAdvHugeOffsets(t *testing.T) {
 	for _, block := range []int{512, 4096, 65536} {
 		t.Run(fmt.Sprint(block), func(t *testing.T) {
 			dev := engine.NewMemDevice(32*advMiB, 512)
-			advFormat(t, dev, engine.FormatOptions{BlockSize: block})
+			a2Format(t, dev, engine.FormatOptions{BlockSize: block})
 			e, err := engine.Open(dev, engine.Options{CacheSize: 8 * advMiB})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer func() { e.Close() }()
 			max := engine.MaxObjectSize
-			o := advCreate(t, e, "huge")
+			o := a2Create(t, e, "huge")
 			// Straddling the limit: refused, nothing changes.
 			if n, err := o.WriteAt([]byte{1, 2}, max-1); !errors.Is(err, fs.ErrInvalid) || n != 0 {
 				t.Fatalf("write straddling the limit: %d, %v", n, err)
@@ -1197,9 +1158,9 @@ func TestAdvHugeOffsets(t *testing.T) {
 				t.Fatalf("size %d after a refused write", o.Size())
 			}
 			tail := []byte("the last bytes!")
-			advWrite(t, o, tail, max-int64(len(tail)))
+			bbWrite(t, o, tail, max-int64(len(tail)))
 			head := []byte("head")
-			advWrite(t, o, head, 1)
+			bbWrite(t, o, head, 1)
 			if o.Size() != max {
 				t.Fatalf("size %d, want %d", o.Size(), max)
 			}
@@ -1342,10 +1303,10 @@ func TestAdvJournalValidButImpossible(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		a := advCreate(t, e, "a")
-		b := advCreate(t, e, "b")
-		advWrite(t, a, advFill(0xAA, 8192), 0)
-		advWrite(t, b, advFill(0xBB, 8192), 0)
+		a := a2Create(t, e, "a")
+		b := a2Create(t, e, "b")
+		bbWrite(t, a, advFill(0xAA, 8192), 0)
+		bbWrite(t, b, advFill(0xBB, 8192), 0)
 		if err := e.Sync(); err != nil {
 			t.Fatal(err)
 		}
@@ -1505,9 +1466,9 @@ func TestAdvSyncMetadataOps(t *testing.T) {
 					t.Fatal(err)
 				}
 				rng := rand.New(rand.NewPCG(uint64(cut), 1))
-				o := advCreate(t, e, "o")
+				o := a2Create(t, e, "o")
 				before := advRand(rng, sz)
-				advWrite(t, o, before, 0)
+				bbWrite(t, o, before, 0)
 				if err := o.Sync(); err != nil {
 					t.Fatal(err)
 				}
@@ -1521,7 +1482,7 @@ func TestAdvSyncMetadataOps(t *testing.T) {
 				d.Crash()
 				_ = e.Close()
 				_, e = advReboot(t, d, uint64(cut), true)
-				got := advReadAll(t, advObj(t, e, "o"))
+				got := bbReadAll(t, advObj(t, e, "o"))
 				if syncErr == nil {
 					if dd := firstDiff(got, after); dd != "" {
 						t.Fatalf("cut %d: after a successful Sync: %s", cut, dd)

@@ -874,7 +874,7 @@ func (e *Engine) planCheckpoint(p *commitPlan, snap *checkpoint) error {
 	if err != nil {
 		return err
 	}
-	e.ckptBytes.Store(ckptPayloadLen(data, e.bs))
+	e.ckptBytes.Store(int64(snap.payloadLen))
 	slot := 1 - e.ckptSlot
 	p.buf, p.off, p.preFlush, p.ckpt = data, e.sb.CkptStart[slot]*int64(e.bs), true, true
 	p.what = fmt.Sprintf("checkpoint %c", 'A'+slot)

@@ -237,8 +237,8 @@ type checkpoint struct {
 	JournalPos   int64
 	Chain        uint32
 	Objects      []ckptObject
-	encodedLen   int // bytes on disk, set by decodeCheckpoint
-	payloadLen   int // payload bytes (what the region's capacity counts), set by decodeCheckpoint
+	encodedLen   int // bytes on disk, set by encodeCheckpoint and decodeCheckpoint
+	payloadLen   int // payload bytes (what the region's capacity counts), set by both too
 }
 
 type ckptObject struct {
@@ -282,6 +282,7 @@ func encodeCheckpoint(dst []byte, c *checkpoint, bs int, maxBlocks int64) ([]byt
 		return nil, fmt.Errorf("%w: checkpoint needs %d blocks, the region holds %d", errCkptFull, count, maxBlocks)
 	}
 	need := count * bs
+	c.encodedLen, c.payloadLen = need, len(payload)
 	if cap(dst) < need {
 		dst = alignedBuf(need) // O_DIRECT: the device checks the address
 	}
@@ -425,15 +426,6 @@ func decodeCheckpoint(data []byte, bs int) (*checkpoint, error) {
 	}
 	c.encodedLen, c.payloadLen = count*bs, len(payload)
 	return c, nil
-}
-
-// ckptPayloadLen returns the payload bytes of an encoded checkpoint.
-func ckptPayloadLen(data []byte, bs int) int64 {
-	var n int64
-	for off := 0; off+bs <= len(data); off += bs {
-		n += int64(binary.LittleEndian.Uint32(data[off+20:]))
-	}
-	return n
 }
 
 // reader is a bounds-checked little-endian decoder; after the first short
